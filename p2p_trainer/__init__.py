@@ -1,0 +1,1 @@
+"""p2p-trainer: decentralized low-communication training."""

@@ -1,0 +1,313 @@
+"""One typed config tree, loaded from TOML with `--section.key value` overrides.
+
+Each section is a dataclass owned by the component that reads it; every field carries a help
+text that `p2p-trainer train --help` shows. Validation happens once, at load, so bad input
+fails with one line naming the bad value instead of a traceback deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the offending file, key or value."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = _f(128, "width of the residual stream")
+    num_layers: int = _f(4, "number of transformer blocks")
+    num_heads: int = _f(4, "attention heads")
+    num_kv_heads: int = _f(2, "key/value heads (grouped-query attention)")
+    intermediate_size: int = _f(384, "SwiGLU hidden width")
+    vocab_size: int = _f(0, "vocabulary size; 0 takes it from the tokenizer")
+    seq_len: int = _f(128, "tokens per training sequence")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    tie_embeddings: bool = _f(False, "share input embedding and output head weights")
+    init_std: float = _f(0.02, "std of the normal weight init")
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "seq_len"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    sources: list = _f(
+        [{"name": "shakespeare", "weight": 0.7}, {"name": "python-stdlib", "weight": 0.3}],
+        "mixture: list of tables {name, weight[, path, split, text_field, config]}; name is "
+        "'shakespeare', 'python-stdlib', a local file/dir ('local', with path) or a hub dataset id",
+    )
+    tokenizer: str = _f("bytes", "'bytes' (byte-level, identical everywhere) or a hub/local tokenizer id")
+    batch_size: int = _f(16, "sequences per optimizer step on this peer")
+    micro_batch_size: int = _f(16, "sequences per forward/backward (gradient accumulation fills batch_size)")
+    seed: int = _f(0, "seed of the per-peer data order (mixed with the peer's rank in the swarm)")
+    eval_fraction: float = _f(0.02, "fraction of each offline source held out for evaluation")
+    eval_batches: int = _f(8, "batches in one held-out evaluation")
+    cache_dir: str = _f("", "where offline sources are cached; empty = ~/.cache/p2p_trainer/data")
+    streaming: bool = _f(True, "stream hub datasets instead of downloading them whole")
+
+    def validate(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.micro_batch_size", self.micro_batch_size)
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
+        if not self.sources:
+            raise ConfigError("data.sources is empty")
+        for i, src in enumerate(self.sources):
+            if not isinstance(src, dict) or "name" not in src:
+                raise ConfigError(f"data.sources[{i}]={src!r} must be a table with a 'name'")
+            weight = src.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or weight <= 0:
+                raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a positive number")
+
+
+@dataclass
+class InnerConfig:
+    lr: float = _f(3e-3, "peak AdamW learning rate")
+    betas: list = _f([0.9, 0.95], "AdamW betas")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(20, "linear warmup steps")
+    total_steps: int = _f(1000, "inner steps of the whole WSD schedule on one peer")
+    decay_steps: int = _f(100, "final steps of the schedule that decay the lr to min_lr")
+    decay_shape: str = _f("1-sqrt", "decay shape: 'linear' or '1-sqrt'")
+    min_lr_ratio: float = _f(0.0, "lr at the end of the decay, as a fraction of lr")
+    grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping")
+    z_loss: float = _f(0.0, "weight of the z-loss (log^2 of the softmax normaliser); 0 disables")
+    steps_per_round: int = _f(25, "H: inner steps between two outer steps (fixed-H mode, and the target otherwise)")
+    autocast: str = _f("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
+    seed: int = _f(0, "seed of the model init (equal on every peer of a run)")
+    slowdown: float = _f(1.0, "simulate a slower machine: each inner step takes this many times longer")
+
+    def validate(self) -> None:
+        _positive("inner.lr", self.lr)
+        _positive("inner.total_steps", self.total_steps)
+        _positive("inner.steps_per_round", self.steps_per_round)
+        if self.slowdown < 1:
+            raise ConfigError(f"inner.slowdown={self.slowdown} must be >= 1")
+        if self.decay_shape not in ("linear", "1-sqrt"):
+            raise ConfigError(f"inner.decay_shape={self.decay_shape!r} must be 'linear' or '1-sqrt'")
+        if self.autocast not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"inner.autocast={self.autocast!r} must be 'auto', 'bf16' or 'fp32'")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"inner.betas={self.betas!r} must be two numbers in [0, 1)")
+        if self.warmup_steps < 0 or self.decay_steps < 0 or self.warmup_steps + self.decay_steps > self.total_steps:
+            raise ConfigError(
+                f"inner.warmup_steps={self.warmup_steps} + decay_steps={self.decay_steps} "
+                f"exceeds total_steps={self.total_steps}"
+            )
+
+
+@dataclass
+class OuterConfig:
+    lr: float = _f(0.7, "outer SGD learning rate")
+    momentum: float = _f(0.9, "outer momentum")
+    nesterov: bool = _f(True, "Nesterov momentum for the outer step")
+
+    def validate(self) -> None:
+        _positive("outer.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"outer.momentum={self.momentum} must be in [0, 1)")
+
+
+@dataclass
+class SwarmConfig:
+    run_id: str = _f("p2p-debug", "name of the training run; peers with another run id never group with us")
+    initial_peers: list = _f([], "multiaddrs of any peers of the swarm; empty starts a new swarm")
+    host_maddrs: list = _f(["/ip4/0.0.0.0/tcp/0"], "multiaddrs to listen on")
+    announce_maddrs: list = _f([], "multiaddrs other peers should dial (public address behind NAT/port mapping)")
+    identity: str = _f("", "path of a private key file; keeps the peer id across restarts (created if missing)")
+    client_mode: bool = _f(False, "outgoing connections only (behind NAT): contributes to rounds, reduces no slice")
+    codec: str = _f("int8", "pseudo-gradient codec on the wire: 'int8' or 'fp32'")
+    target_group_size: int = _f(16, "most peers in one all-reduce group")
+    min_group_size: int = _f(1, "fewest peers for a round to count (1 lets a lone peer keep training)")
+    round_tokens: int = _f(
+        0, "swarm-wide tokens that close a round; 0 = fixed-H mode (every peer does inner.steps_per_round)"
+    )
+    matchmaking_timeout: float = _f(15.0, "seconds to wait for group partners at a round boundary")
+    allreduce_timeout: float = _f(30.0, "seconds before a silent group member is left out of the all-reduce")
+    join_timeout: float = _f(60.0, "seconds to keep retrying unreachable initial peers (with backoff)")
+    max_weight: float = _f(1e9, "largest token weight a peer may claim for one round; larger parts are rejected")
+
+    def validate(self) -> None:
+        from p2p_trainer.codec import CODECS  # codec names live with the codecs
+
+        if self.codec not in CODECS:
+            raise ConfigError(f"swarm.codec={self.codec!r} is not one of {', '.join(CODECS)}")
+        if not self.run_id or any(c in self.run_id for c in " /\t\n"):
+            raise ConfigError(f"swarm.run_id={self.run_id!r} must be non-empty without spaces or slashes")
+        _positive("swarm.target_group_size", self.target_group_size)
+        _positive("swarm.min_group_size", self.min_group_size)
+        for name in ("matchmaking_timeout", "allreduce_timeout", "join_timeout"):
+            _positive(f"swarm.{name}", getattr(self, name))
+        if self.round_tokens < 0:
+            raise ConfigError(f"swarm.round_tokens={self.round_tokens} must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = _f("", "checkpoint folder; empty disables checkpoints")
+    every: int = _f(1, "save every K outer steps")
+    keep: int = _f(2, "how many checkpoints to keep")
+    resume: bool = _f(False, "resume from the newer of the local checkpoint and the swarm's state")
+
+    def validate(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class LogConfig:
+    metrics: str = _f("", "JSONL file for metrics records; empty disables")
+    progress_bar: bool = _f(True, "show a progress bar with loss and tokens/s")
+    eval_every: int = _f(1, "evaluate held-out loss every N outer steps (0 disables)")
+    level: str = _f("INFO", "log level")
+
+    def validate(self) -> None:
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log.level={self.level!r} must be DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}={value!r} must be > 0")
+
+
+def section_fields() -> list[tuple[str, dataclasses.Field]]:
+    """(section, field) for every config key, in declaration order: drives `--help`."""
+    hints = typing.get_type_hints(Config)
+    return [(s, f) for s in SECTIONS for f in dataclasses.fields(hints[s])]
+
+
+def _field_type(section: str, key: str) -> type:
+    cls = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(cls)[key]
+
+
+def _coerce(where: str, value: Any, typ: type) -> Any:
+    """Check a TOML value (or parse a CLI string) against the field's declared type."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(typ, types.UnionType):
+        origin = typing.get_args(typ)[0]
+    if isinstance(value, str) and origin is not str:
+        value = _parse_cli_string(where, value, origin)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+    }[origin](value)
+    if not ok:
+        raise ConfigError(f"{where}: expected {origin.__name__}, got {value!r}")
+    return float(value) if origin is float else value
+
+
+def _parse_cli_string(where: str, text: str, origin: type) -> Any:
+    try:
+        if origin is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if origin is list:
+            # `[0.9, 0.95]` is parsed as TOML; a bare word is a one-element list (a multiaddr, a path)
+            return tomllib.loads(f"v = {text}")["v"] if text.startswith("[") else [text]
+        return origin(text)
+    except (ValueError, tomllib.TOMLDecodeError):
+        raise ConfigError(f"{where}: expected {origin.__name__}, got {text!r}") from None
+
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A config path as given, or a shipped preset by name ('debug', '14m', ...) when no such file exists."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (PRESETS / f"{path.name}.toml").exists():
+        return PRESETS / f"{path.name}.toml"
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build the config from a TOML file (or the defaults) and `section.key -> value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        path = resolve_preset(path)
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for section, values in raw.items():
+        if section not in hints:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table, got {values!r}")
+        cls = hints[section]
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'")
+            kwargs[key] = _coerce(f"{source}: {section}.{key}", value, _field_type(section, key))
+        sections[section] = cls(**kwargs)
+    return Config(**sections).validate()

@@ -1,0 +1,68 @@
+"""Child-process hygiene: no p2pd or DHT process may outlive the peer that started it, even when
+that peer is killed with SIGKILL (hivemind's DHT process is a plain daemon child: it survives its
+parent's hard death, and so does its p2pd)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes of ``pid`` (and theirs), from /proc; empty where /proc is unavailable."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_name(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def kill_p2pd_children(pid: int, sig: int = signal.SIGTERM) -> None:
+    for child in descendants(pid):
+        if command_name(child) == "p2pd":
+            try:
+                os.kill(child, sig)
+            except ProcessLookupError:
+                pass
+
+
+def die_with_parent(parent_pid: int, period: float = 1.0) -> None:
+    """In a child process: exit, taking our p2pd along, when the parent dies or on SIGTERM.
+
+    Polls ``getppid`` from a daemon thread instead of using PR_SET_PDEATHSIG, which fires when the
+    parent *thread* exits and would kill the DHT of a peer that was created in a worker thread."""
+
+    def leave(signum: int = signal.SIGTERM, frame: object = None) -> None:
+        kill_p2pd_children(os.getpid())
+        os._exit(128 + signum)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(period)
+        leave()
+
+    signal.signal(signal.SIGTERM, leave)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

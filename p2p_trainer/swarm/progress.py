@@ -1,0 +1,269 @@
+"""Per-peer progress records and the run fingerprint, kept on the DHT.
+
+Both live under run-scoped keys (``{run_id}_progress``, ``{run_id}_fingerprint``) as dictionaries
+whose subkeys are the owners' signed public keys: hivemind's RSASignatureValidator lets only the
+owner change its entry, and SchemaValidator (a pydantic.v1 model, which works under pydantic 2)
+rejects malformed values on every DHT node that has it. Nodes without our validators (a stock
+`hivemind-dht` bootstrap) store anything, so readers check again: schema, and that the peer id a
+record claims is the one its signing key derives to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import hivemind
+import pydantic.v1 as pv1
+from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from p2p_trainer.swarm.errors import SwarmError
+from p2p_trainer.swarm.identity import peer_id_of_public_key
+
+logger = logging.getLogger(__name__)
+
+_OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
+
+
+class _ProgressModel(pv1.BaseModel):
+    peer_id: pv1.StrictStr
+    outer_step: pv1.conint(ge=0, strict=True)
+    tokens: pv1.conint(ge=0, strict=True)
+    tokens_per_s: pv1.confloat(ge=0.0, strict=True)
+    loss: Optional[pv1.StrictFloat]
+    params_sha256: pv1.constr(regex=r"^([0-9a-f]{64})?$", strict=True)
+    client_mode: pv1.StrictBool
+    time: pv1.StrictFloat
+
+    class Config:
+        extra = pv1.Extra.forbid
+
+
+class _RunSchema(pv1.BaseModel):
+    progress: dict[BytesWithPublicKey, Optional[_ProgressModel]]
+    fingerprint: dict[BytesWithPublicKey, Optional[pv1.StrictStr]]
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    peer_id: str
+    outer_step: int  # rounds this peer has completed = the round it is training now
+    tokens: int  # tokens processed in this round so far
+    tokens_per_s: float
+    loss: float | None
+    params_sha256: str  # hash of θ after the last outer step, "" if none yet
+    client_mode: bool
+    time: float  # wall-clock (DHT) time of publication
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["tokens_per_s"] = float(self.tokens_per_s) if math.isfinite(self.tokens_per_s) else 0.0
+        wire["loss"] = float(self.loss) if self.loss is not None and math.isfinite(self.loss) else None
+        return wire
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ProgressRecord:
+        """Raise ValueError unless ``value`` matches the schema exactly (no type conversions)."""
+        model = _ProgressModel.parse_obj(value)
+        if model.dict() != value:
+            raise ValueError("record needs type conversions")
+        return cls(**model.dict())
+
+
+def make_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
+    return [RSASignatureValidator(private_key), SchemaValidator(_RunSchema, prefix=run_id)]
+
+
+def swarm_outer_step(records: dict[str, ProgressRecord]) -> int | None:
+    """The outer step the swarm agrees on: the (lower) median of live records, so one peer that
+    claims a huge step cannot drag everyone along. None when there are no records."""
+    steps = [r.outer_step for r in records.values()]
+    return statistics.median_low(steps) if steps else None
+
+
+def canonical_fingerprint(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def first_difference(swarm: dict, ours: dict, prefix: str = "") -> str | None:
+    """Name the first (in sorted key order) field where two fingerprints differ."""
+    for key in sorted(set(swarm) | set(ours), key=str):
+        a, b = swarm.get(key, "<missing>"), ours.get(key, "<missing>")
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, path + ".")
+            if found:
+                return found
+        elif a != b:
+            return f"{path}: the swarm has {a!r}, this peer has {b!r}"
+    return None
+
+
+class ProgressBoard:
+    """Our view of the run's records; all methods run on the swarm's event loop thread."""
+
+    def __init__(
+        self, dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, peer_id: str, ttl: float
+    ):
+        self._dht, self._peer_id, self.ttl = dht, peer_id, ttl
+        self._progress_key, self._fingerprint_key = f"{run_id}_progress", f"{run_id}_fingerprint"
+        self._subkey = signer.local_public_key
+        self._mine: ProgressRecord | None = None
+        self._fingerprint: str | None = None
+        self._last_store = -math.inf
+        self._publisher: asyncio.Task | None = None
+        self._store_lock = asyncio.Lock()
+        self._dirty = False
+        self._records: dict[str, ProgressRecord] = {}
+        self._read_at = -math.inf  # monotonic time the cached read started
+        self._reader: asyncio.Task | None = None
+        self._owners: dict[bytes, str] = {}
+        self._complained: set[tuple[str, str]] = set()
+
+    @property
+    def mine(self) -> ProgressRecord | None:
+        return self._mine
+
+    # ---- writing ----
+    async def _store(self, key: str, value: Any) -> bool:
+        expiration = get_dht_time() + self.ttl
+        return bool(await self._dht.store(key, value, expiration, subkey=self._subkey, return_future=True))
+
+    def publish_soon(self, record: ProgressRecord) -> None:
+        """Non-blocking: the newest record wins; at most one store is in flight."""
+        self._mine, self._dirty = record, True
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.create_task(self._publish_pending())
+
+    async def publish_now(self, record: ProgressRecord) -> None:
+        self._mine, self._dirty = record, False
+        await self._store_mine()
+
+    async def _publish_pending(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await self._store_mine()
+
+    async def _store_mine(self) -> None:
+        async with self._store_lock:  # in order, so an older record never lands after a newer one
+            record = self._mine
+            if record is None:
+                return
+            self._last_store = time.monotonic()
+            try:
+                stored = await self._store(self._progress_key, record.to_wire())
+                if not stored:  # also seen when a replica already holds a newer copy: not an error by itself
+                    logger.debug(f"a DHT peer refused our progress record for outer step {record.outer_step}")
+            except Exception as e:
+                logger.warning(f"could not publish progress: {e!r}")
+        # our own view should not wait for the network; copy-on-write, other threads read snapshots
+        self._records = {**self._records, self._peer_id: self._mine}
+
+    async def heartbeat(self) -> None:
+        """Keep our entries alive while we are: a dead peer's records expire after ``ttl``."""
+        while True:
+            await asyncio.sleep(self.ttl / 4)
+            if time.monotonic() - self._last_store >= self.ttl / 4:
+                await self._store_mine()
+            if self._fingerprint is not None:
+                await self._store(self._fingerprint_key, self._fingerprint)
+
+    async def withdraw(self) -> None:
+        """Tell the others we left (a None entry), so nobody waits for us in matchmaking."""
+        await self._store(self._progress_key, None)
+
+    # ---- reading ----
+    async def read(self, max_age: float = 0.5) -> dict[str, ProgressRecord]:
+        """Live records by peer id, from a fetch that started at most ``max_age`` seconds ago."""
+        if time.monotonic() - self._read_at > max_age:
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._fetch())
+            await asyncio.shield(self._reader)
+        return dict(self._records)
+
+    def snapshot(self) -> tuple[dict[str, ProgressRecord], float]:
+        """The last records read and when that read started; safe to call from any thread."""
+        return self._records, self._read_at
+
+    def refresh(self) -> None:
+        """Start a read unless one is running (loop thread only)."""
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._fetch())
+
+    async def _fetch(self) -> None:
+        started = time.monotonic()
+        records: dict[str, ProgressRecord] = {}
+        for peer_id, value in (await self._read_entries(self._progress_key)).items():
+            if value is None:
+                continue  # the peer withdrew
+            try:
+                record = ProgressRecord.from_wire(value)
+            except (pv1.ValidationError, ValueError, TypeError) as e:
+                self._complain(peer_id, f"dropping its malformed progress record ({str(e).splitlines()[0]})")
+                continue
+            if record.peer_id != peer_id:
+                self._complain(peer_id, f"dropping its record that claims to be from {record.peer_id}")
+                continue
+            records[peer_id] = record
+        if self._mine is not None and self._peer_id not in records:
+            records[self._peer_id] = self._mine
+        self._records, self._read_at = records, started
+
+    async def _read_entries(self, key: str) -> dict[str, Any]:
+        """Entries under ``key`` by the peer id their owner key derives to."""
+        try:
+            found = await self._dht.get(key, latest=True, return_future=True)
+        except Exception as e:
+            logger.warning(f"could not read {key} from the DHT: {e!r}")
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        entries = {}
+        for subkey, item in found.value.items():
+            peer_id = self._owner(subkey)
+            if peer_id is not None:
+                entries[peer_id] = item.value
+        return entries
+
+    def _owner(self, subkey: Any) -> str | None:
+        if subkey not in self._owners:
+            match = _OWNER_RE.fullmatch(subkey) if isinstance(subkey, bytes) else None
+            try:
+                self._owners[subkey] = peer_id_of_public_key(match.group(1)) if match else None
+            except ValueError:
+                self._owners[subkey] = None
+        return self._owners[subkey]
+
+    def _complain(self, peer_id: str, what: str) -> None:
+        if (peer_id, what) not in self._complained:
+            self._complained.add((peer_id, what))
+            logger.warning(f"peer {peer_id}: {what}")
+
+    # ---- fingerprint ----
+    async def join_with_fingerprint(self, fingerprint: dict) -> None:
+        """Refuse to join a swarm whose fingerprint differs from ours; then publish ours."""
+        ours = canonical_fingerprint(fingerprint)
+        entries = await self._read_entries(self._fingerprint_key)
+        others = [v for pid, v in entries.items() if pid != self._peer_id and isinstance(v, str)]
+        if others:
+            counts = Counter(others)
+            swarm = max(counts, key=lambda fp: (counts[fp], fp))
+            if swarm != ours:
+                diff = first_difference(json.loads(swarm), json.loads(ours)) or "a field of different type"
+                raise SwarmError(
+                    f"this peer's run fingerprint differs from the swarm's ({counts[swarm]} of "
+                    f"{len(others)} peers) at {diff}; use the same config as the swarm or another --run-id"
+                )
+        self._fingerprint = ours
+        await self._store(self._fingerprint_key, ours)

@@ -1,0 +1,200 @@
+"""Getting into the swarm: multiaddr checks, unreachable initial peers, joining through the stock
+`hivemind-dht` CLI, the run fingerprint, persistent identities, and progress-record validation."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from p2p_trainer.swarm import MultiaddrError, ProgressRecord, SwarmError, SwarmPeer, procs, swarm_outer_step
+from p2p_trainer.swarm import testing as st
+from p2p_trainer.swarm.progress import first_difference
+
+PEER = "QmXGaG9yZ1hJ4R4mV3PR3rQJ4C8hLZNVn8d3ZGgN5Gbp8S"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("initial_peers", "/ip4/1.2.3/tcp/31337/p2p/" + PEER),  # not an IPv4 address
+        ("initial_peers", "/ip4/127.0.0.1/tcp/31337"),  # no /p2p/<peer id>
+        ("initial_peers", "127.0.0.1:31337"),
+        ("host_maddrs", "/ip4/0.0.0.0/tcp/99999"),
+        ("announce_maddrs", "/ip4/1.2.3.4/tcp/0"),  # others cannot dial port 0
+    ],
+)
+def test_malformed_multiaddr_is_named_in_a_one_line_error(field, bad):
+    cfg = st.local_config("bad-maddr", **{field: [bad]})
+    with pytest.raises(MultiaddrError) as info:
+        SwarmPeer(cfg, {})
+    message = str(info.value)
+    assert bad in message and field in message and "\n" not in message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_initial_peer_fails_with_a_clear_error_after_join_timeout():
+    maddr = f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}"  # discard port: nobody listens there
+    started = time.monotonic()
+    with pytest.raises(SwarmError) as info:
+        SwarmPeer(st.local_config("unreachable", [maddr], join_timeout=1.5), {})
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert maddr in message and "reachable" in message and "\n" not in message
+    assert 1.5 <= elapsed < 10
+
+
+def _start_stock_dht() -> tuple[subprocess.Popen, str]:
+    cli = os.path.join(os.path.dirname(sys.executable), "hivemind-dht")
+    proc = subprocess.Popen(
+        [cli, "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--refresh_period", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: we can stop it and its p2pd together
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in list(lines):
+            found = re.search(r"--initial_peers (\S+/p2p/\S+)", line)
+            if found:
+                return proc, found.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("hivemind-dht did not print its multiaddr:\n" + "".join(lines))
+
+
+@pytest.mark.timeout(90)
+def test_join_through_stock_hivemind_dht_and_check_the_fingerprint():
+    proc, maddr = _start_stock_dht()
+    peers: list[SwarmPeer] = []
+    try:
+        fingerprint = {"model": {"hidden_size": 128, "num_layers": 4}, "codec": "fp32"}
+        peers = st.start_peers(2, "via-stock", initial_peers=[maddr], fingerprint=fingerprint)
+        # both joined only through the stock node, yet they see each other and can average
+        st.announce_step(peers, 3)
+        assert swarm_outer_step(peers[1].swarm_records()) == 3
+        results = st.run_round(peers, 3, [torch.ones(1000), torch.zeros(1000)], [1.0, 3.0])
+        assert all(r is not None and r.group_size == 2 for r in results)
+        assert torch.equal(results[0].average, torch.full((1000,), 0.25))
+
+        other = {"model": {"hidden_size": 256, "num_layers": 4}, "codec": "fp32"}
+        with pytest.raises(SwarmError, match=r"model\.hidden_size: the swarm has 128, this peer has 256"):
+            SwarmPeer(st.local_config("via-stock", [maddr]), other)
+    finally:
+        for peer in peers:
+            peer.shutdown()
+        os.killpg(proc.pid, signal.SIGTERM)  # the CLI shuts down cleanly on SIGTERM
+        try:
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(30)
+def test_identity_file_keeps_the_peer_id_across_restarts(tmp_path):
+    cfg = st.local_config("identity", identity=str(tmp_path / "peer.key"))
+    with SwarmPeer(cfg, {}) as peer:
+        first = peer.peer_id
+        assert all(m.endswith("/p2p/" + first) for m in peer.visible_maddrs)
+    with SwarmPeer(cfg, {}) as peer:
+        assert peer.peer_id == first
+
+
+def _record(**changes):
+    wire = dict(
+        peer_id="Qm",
+        outer_step=3,
+        tokens=10,
+        tokens_per_s=1.5,
+        loss=2.0,
+        params_sha256="",
+        client_mode=False,
+        time=1.0,
+    )
+    wire.update(changes)
+    return wire
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"outer_step": 3.0},  # type conversions are refused
+        {"tokens": -1},
+        {"params_sha256": "xyz"},
+        {"extra": 1},
+        {"loss": "2.0"},
+    ],
+)
+def test_malformed_progress_records_are_refused(changes):
+    with pytest.raises(ValueError):
+        ProgressRecord.from_wire(_record(**changes))
+
+
+def test_progress_record_round_trip_and_swarm_step_is_a_median():
+    record = ProgressRecord.from_wire(_record(loss=None))
+    assert ProgressRecord.from_wire(record.to_wire()) == record
+    records = {
+        str(i): ProgressRecord.from_wire(_record(outer_step=s)) for i, s in enumerate([4, 5, 5, 10**6])
+    }
+    assert swarm_outer_step(records) == 5  # one peer claiming a huge step does not drag the swarm along
+
+
+def test_first_difference_names_the_field():
+    assert (
+        first_difference({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+        == "b.c: the swarm has 2, this peer has 3"
+    )
+    assert first_difference({"a": 1}, {"a": 1}) is None
+
+
+_CRASHING_PEER = """
+import os, time
+from p2p_trainer.swarm import procs, testing
+peer = testing.start_peers(1, "crash")[0]
+print(" ".join(str(p) for p in procs.descendants(os.getpid())), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_peer_leaves_no_dht_process_or_p2pd_behind():
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_PEER], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in proc.stdout.readline().split()]
+        names = {procs.command_name(pid) for pid in children}
+        assert "p2pd" in names, names
+        proc.kill()  # SIGKILL: no cleanup code of the peer runs
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(pid) for pid in children):
+            time.sleep(0.1)
+        assert not [pid for pid in children if _running(pid)], "orphans left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
