@@ -2,7 +2,8 @@
 
     python -m bench.bench_codec [--size-mb 64] [--repeats 7]
 
-Rows: the C kernel's encode and fused decode-and-accumulate, its plain decode, the torch reference
+Rows: the C kernel's encode (with and without allocating the payload), its fused
+decode-and-accumulate and plain decode (which allocates and page-faults a new tensor), the torch reference
 encode, a naive PyTorch quantizer (the anchor the kernel is meant to beat) and ``Tensor.copy_`` (what
 memory bandwidth allows). Each number is the median of several timed repeats after one warm-up.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from p2p_trainer.codec import int8_format as fmt
+from p2p_trainer.codec import native as native_kernels
 from p2p_trainer.codec.int8 import Int8Codec, default_threads
 
 
@@ -57,9 +59,18 @@ def run(size_mb: int = 64, repeats: int = 7) -> list[dict]:
     payload = native.encode(x)
     out = torch.zeros(n)
     copy_dst = torch.empty(n)
+    kernels = native_kernels.load()
+    codes = torch.empty(n, dtype=torch.uint8)
+    codebooks = torch.empty(n // fmt.DEFAULT_CHUNK_SIZE, fmt.N_BUCKETS)
+
+    def kernel_only() -> None:
+        ptrs = (x.data_ptr(), n, fmt.DEFAULT_CHUNK_SIZE, codes.data_ptr(), codebooks.data_ptr())
+        kernels.quantize(*ptrs, None, default_threads())
+
     slow = max(1, min(repeats, 3))
     cases: list[tuple[str, Callable[[], object], int]] = [
-        ("int8 native encode (quantize)", lambda: native.encode(x), repeats),
+        ("int8 native encode (quantize) -> bytes", lambda: native.encode(x), repeats),
+        ("int8 native quantize kernel, preallocated output", kernel_only, repeats),
         ("int8 native decode_accumulate", lambda: native.decode_accumulate(payload, out, 0.5), repeats),
         ("int8 native decode", lambda: native.decode(payload, n), repeats),
         ("int8 reference encode (torch)", lambda: reference.encode(x), slow),

@@ -216,6 +216,18 @@ typedef double pair_d __attribute__((vector_size(16)));
 
 static inline void histogram_add(const float *x, const uint8_t *codes, int64_t n, pair_d (*h)[NB]) {
     int64_t i = 0;
+#if defined(__AVX2__) && N_SUB == 4
+    /* Four (x, 1.0) pairs from one widening load and two unpacks each half. */
+    const __m128d one = _mm_set1_pd(1.0);
+    for (; i + 4 <= n; i += 4) {
+        __m256d xd = load4d(x + i);
+        __m128d a = _mm256_castpd256_pd128(xd), b = _mm256_extractf128_pd(xd, 1);
+        h[0][codes[i]] += (pair_d)_mm_unpacklo_pd(a, one);
+        h[1][codes[i + 1]] += (pair_d)_mm_unpackhi_pd(a, one);
+        h[2][codes[i + 2]] += (pair_d)_mm_unpacklo_pd(b, one);
+        h[3][codes[i + 3]] += (pair_d)_mm_unpackhi_pd(b, one);
+    }
+#endif
     for (; i + N_SUB <= n; i += N_SUB)
         for (int s = 0; s < N_SUB; s++) {
             pair_d v = {(double)x[i + s], 1.0};
@@ -289,7 +301,8 @@ static void quantize_chunk(void *arg, int64_t c) {
     pair_d h[N_SUB][NB];
     memset(h, 0, sizeof h);
     /* Codes and histogram per L1-sized piece, so the histogram re-reads x and codes from L1. */
-    for (int64_t i = 0; i < n; i += PIECE) {
+    /* Back to front: the statistics pass just left the chunk's tail in L2. */
+    for (int64_t i = (n - 1) / PIECE * PIECE; i >= 0; i -= PIECE) {
         int64_t len = n - i < PIECE ? n - i : PIECE;
         codes_of(x + i, len, lo, scale, codes + i);
         histogram_add(x + i, codes + i, len, h);

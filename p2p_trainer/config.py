@@ -152,6 +152,7 @@ class SwarmConfig:
     allreduce_timeout: float = _f(30.0, "seconds before a silent group member is left out of the all-reduce")
     join_timeout: float = _f(60.0, "seconds to keep retrying unreachable initial peers (with backoff)")
     max_weight: float = _f(1e9, "largest token weight a peer may claim for one round; larger parts are rejected")
+    record_ttl: float = _f(30.0, "seconds a peer's progress record outlives its last refresh (a crashed peer's lingers this long)")
 
     def validate(self) -> None:
         from p2p_trainer.codec import CODECS  # codec names live with the codecs
@@ -162,7 +163,7 @@ class SwarmConfig:
             raise ConfigError(f"swarm.run_id={self.run_id!r} must be non-empty without spaces or slashes")
         _positive("swarm.target_group_size", self.target_group_size)
         _positive("swarm.min_group_size", self.min_group_size)
-        for name in ("matchmaking_timeout", "allreduce_timeout", "join_timeout"):
+        for name in ("matchmaking_timeout", "allreduce_timeout", "join_timeout", "record_ttl"):
             _positive(f"swarm.{name}", getattr(self, name))
         if self.round_tokens < 0:
             raise ConfigError(f"swarm.round_tokens={self.round_tokens} must be >= 0")

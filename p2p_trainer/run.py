@@ -98,6 +98,7 @@ class Trainer:
         self.eval_data = eval_batches(cfg.data, self.tokenizer, cfg.model.seq_len)
         self.metrics = MetricsWriter(cfg.log.metrics if self.rank == 0 else None)
         self.n_params = initial.numel()
+        self.params_sha256 = ""  # hash of θ after the last outer step; "" before the first
         if cfg.checkpoint.resume and cfg.checkpoint.dir:
             self._resume()
 
@@ -154,7 +155,7 @@ class Trainer:
             if self.peer is not None and stats.steps % 5 == 1:
                 self.peer.publish_progress(outer_step=outer_step, tokens=stats.tokens,
                                            tokens_per_s=stats.tokens_per_s(), loss=step.loss,
-                                           params_sha256=self.diloco.sha256() if outer_step else "")
+                                           params_sha256=self.params_sha256)
         return stats
 
     def _outer_round(self, outer_step: int, stats: RoundStats) -> int:
@@ -180,7 +181,7 @@ class Trainer:
         self.inner.import_params(new_params)
         outer_step += 1
         if self.rank == 0:
-            sha = self.diloco.sha256()
+            sha = self.params_sha256 = self.diloco.sha256()
             self.metrics.write("outer_step", outer_step=outer_step, loss=stats.loss_sum / max(1, stats.steps),
                                tokens=stats.tokens, inner_steps=stats.steps, params_sha256=sha, **record)
             self.peer.publish_progress(outer_step=outer_step, tokens=0, tokens_per_s=stats.tokens_per_s(),
@@ -219,6 +220,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path} belongs to another run (fingerprint differs)")
         if self.diloco is not None:
             self.diloco.load_state_dict(state["diloco"])
+            self.params_sha256 = self.diloco.sha256()
         self.inner.import_params(self.diloco.master.detach() if self.diloco else None)
         if state.get("inner") is not None and self.world == 1:
             self.inner.load_state_dict(state["inner"])

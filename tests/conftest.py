@@ -26,7 +26,7 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
 
 
 def _ours() -> set[int]:
-    """Our descendants, plus p2p daemons of our process group whose parent died (reparented)."""
+    """Our descendants, plus orphans of our process group (p2p daemons whose parent died)."""
     table, me, pgid = _process_table(), os.getpid(), os.getpgrp()
     found, todo = set(), [me]
     while todo:
@@ -35,7 +35,9 @@ def _ours() -> set[int]:
             if ppid == parent and pid not in found:
                 found.add(pid)
                 todo.append(pid)
-    found |= {pid for pid, (_, group, name) in table.items() if group == pgid and name == "p2pd"}
+    found |= {
+        pid for pid, (ppid, group, name) in table.items() if group == pgid and (name == "p2pd" or ppid == 1)
+    }
     return found - {me}
 
 

@@ -15,6 +15,7 @@ from p2p_trainer.swarm import testing as st
 
 N_PEERS = 3
 ALLREDUCE_TIMEOUT = 2.0
+MATCHMAKING_TIMEOUT = 3.0
 ROUND_TOKENS = 3000
 
 _steps = itertools.count(1)
@@ -26,6 +27,7 @@ def peers():
         N_PEERS,
         "ar-test",
         min_group_size=2,
+        matchmaking_timeout=MATCHMAKING_TIMEOUT,
         allreduce_timeout=ALLREDUCE_TIMEOUT,
         round_tokens=ROUND_TOKENS,
     )
@@ -123,6 +125,21 @@ def test_bad_member_is_left_out_and_named(peers, fault, caplog):
     assert results[2] is None or torch.equal(results[2].average, expected)
     named = [rec.getMessage() for rec in caplog.records if bad.peer_id in rec.getMessage()]
     assert any("leaving out" in m for m in named), caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_no_group_below_min_group_size_and_the_log_says_why(peers, caplog):
+    lonely, others = peers[0], peers[1:]
+    step = next(_steps)
+    st.announce_step(others, step - 1)  # the others are still training an earlier round
+    st.announce_step([lonely], step)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="p2p_trainer.swarm"):
+        result = lonely.all_reduce(outer_step=step, vector=torch.ones(100), weight=1.0)
+    assert result is None
+    assert MATCHMAKING_TIMEOUT <= time.monotonic() - started < MATCHMAKING_TIMEOUT + 5
+    assert "min_group_size is 2" in caplog.text
+    assert all(f"{p.peer_id} (step {step - 1})" in caplog.text for p in others), caplog.text
 
 
 @pytest.mark.timeout(60)

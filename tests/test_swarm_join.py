@@ -94,6 +94,11 @@ def test_join_through_stock_hivemind_dht_and_check_the_fingerprint():
         assert all(r is not None and r.group_size == 2 for r in results)
         assert torch.equal(results[0].average, torch.full((1000,), 0.25))
 
+        # an observer (what `p2p-trainer status` needs) sees the run without publishing anything
+        with SwarmPeer(st.local_config("via-stock", [maddr], client_mode=True), None) as observer:
+            assert observer.run_fingerprint() == fingerprint
+            assert set(observer.swarm_records()) == {p.peer_id for p in peers}
+
         other = {"model": {"hidden_size": 256, "num_layers": 4}, "codec": "fp32"}
         with pytest.raises(SwarmError, match=r"model\.hidden_size: the swarm has 128, this peer has 256"):
             SwarmPeer(st.local_config("via-stock", [maddr]), other)
@@ -177,8 +182,9 @@ time.sleep(120)
 @pytest.mark.timeout(60)
 def test_a_killed_peer_leaves_no_dht_process_or_p2pd_behind():
     proc = subprocess.Popen([sys.executable, "-c", _CRASHING_PEER], stdout=subprocess.PIPE, text=True)
+    children: list[int] = []
     try:
-        children = [int(pid) for pid in proc.stdout.readline().split()]
+        children += [int(pid) for pid in proc.stdout.readline().split()]
         names = {procs.command_name(pid) for pid in children}
         assert "p2pd" in names, names
         proc.kill()  # SIGKILL: no cleanup code of the peer runs
@@ -190,6 +196,9 @@ def test_a_killed_peer_leaves_no_dht_process_or_p2pd_behind():
     finally:
         if proc.poll() is None:
             proc.kill()
+        for pid in children:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:

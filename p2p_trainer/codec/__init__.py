@@ -17,10 +17,13 @@ __all__ = ["CODECS", "Codec", "CodecError", "get_codec"]
 def get_codec(name: str, *, backend: str = "auto") -> Codec:
     """Return the codec called ``name`` (one of ``CODECS``).
 
-    ``backend`` only matters for ``int8``: ``"native"`` (the C kernel, error if it cannot be built),
-    ``"reference"`` (pure torch) or ``"auto"`` (native if it builds, else the reference with one warning).
-    The C kernel is compiled lazily on first encode/decode, not here.
+    ``backend`` only matters for ``int8`` (fp32 has nothing to accelerate): ``"native"`` (the C kernel;
+    ``NativeUnavailable`` on first use if it cannot be built), ``"reference"`` (pure torch) or ``"auto"``
+    (native if it builds, else the reference after one logged warning). The C kernel is compiled
+    lazily on the first encode/decode, never here.
     """
+    if backend not in ("auto", "native", "reference"):
+        raise ValueError(f"unknown int8 backend {backend!r}; choices: auto, native, reference")
     if name == "fp32":
         from p2p_trainer.codec.fp32 import Fp32Codec
 

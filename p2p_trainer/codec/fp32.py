@@ -15,7 +15,7 @@ class Fp32Codec:
 
     def encode(self, x: torch.Tensor) -> bytes:
         check_input(x)
-        return x.numpy().astype(_LE_F32, copy=False).tobytes()
+        return x.detach().numpy().astype(_LE_F32, copy=False).tobytes()
 
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
         values = self._parse(payload, numel)
@@ -28,7 +28,7 @@ class Fp32Codec:
         w = check_weight(weight)
         values = self._parse(payload, out.numel())
         # The payload is read-only; numpy's in-place ops accept it as a source without a copy.
-        acc = out.numpy()
+        acc = out.detach().numpy()
         if w == 1.0:
             np.add(acc, values, out=acc)
         else:

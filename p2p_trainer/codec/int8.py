@@ -121,7 +121,7 @@ class Int8Codec:
         kernels = self._native()
         if kernels is None:
             check_input(x)
-            codes, codebooks, _ = reference.quantize(x, self.chunk_size)
+            codes, codebooks, _ = reference.quantize(x.detach(), self.chunk_size)
             return b"".join(
                 (
                     fmt.pack_header(x.numel(), self.chunk_size),
@@ -146,7 +146,7 @@ class Int8Codec:
         check_input(x)
         kernels = self._native()
         if kernels is None:
-            return reference.quantize(x, self.chunk_size)
+            return reference.quantize(x.detach(), self.chunk_size)
         n = x.numel()
         codes = torch.empty(n, dtype=torch.uint8)
         codebooks = torch.empty(fmt.n_chunks(n, self.chunk_size), fmt.N_BUCKETS, dtype=torch.float32)
@@ -191,7 +191,7 @@ class Int8Codec:
         kernels = self._native()
         if kernels is None:
             codes, codebooks = _reference_inputs(parsed)
-            reference.decode_accumulate(codes, codebooks, parsed.chunk_size, out, w)
+            reference.decode_accumulate(codes, codebooks, parsed.chunk_size, out.detach(), w)
             return
         address = _address(parsed.payload)
         kernels.decode_accumulate(

@@ -11,18 +11,21 @@ import torch
 
 from p2p_trainer.codec import int8_format as fmt
 
-# Chunks are processed this many values at a time to bound the float64 temporaries (~5 x 8 bytes each).
-_GROUP_VALUES = 1 << 22
+# Chunks are processed this many values at a time: float64 temporaries of a few MiB stay below
+# glibc's mmap threshold, so they are reused instead of page-faulted afresh on every call.
+_GROUP_VALUES = 1 << 19
 
 
-def _tree_sum(v: torch.Tensor) -> torch.Tensor:
-    """Sum each row of ``v`` (rows x P, float64, P = BLOCK * 2^k) with the fixed tree of int8_format."""
-    rows, p = v.shape
-    r = v.view(rows, p // fmt.BLOCK, fmt.BLOCK)
-    while r.shape[-1] > 1:  # fold each block in halves
-        h = r.shape[-1] // 2
-        r = r[..., :h] + r[..., h:]
-    s = r[..., 0]
+def _tree_sum(t: torch.Tensor) -> torch.Tensor:
+    """Per-row sums with the fixed tree of int8_format, from ``t`` laid out (BLOCK, rows, blocks).
+
+    Element ``j`` of every block is the slab ``t[j]``, so each in-block fold is one add of two
+    contiguous halves instead of a strided op per level.
+    """
+    while t.shape[0] > 1:  # fold each block in halves: element j += element j + h
+        h = t.shape[0] // 2
+        t = t[:h] + t[h:]
+    s = t[0]
     while s.shape[-1] > 1:  # then add adjacent block sums pairwise
         s = s[:, 0::2] + s[:, 1::2]
     return s[:, 0]
@@ -36,10 +39,13 @@ def _padded_length(n: int) -> int:
 def chunk_ranges(rows: torch.Tensor) -> list[tuple[float, float, float, float]]:
     """``(mean, std, lo, scale)`` for each row of ``rows`` (float32, every row one whole chunk)."""
     count, n = rows.shape
+    p = _padded_length(n)
     xd = rows.double()
     x0 = xd[:, :1]
-    d = torch.zeros(count, _padded_length(n), dtype=torch.float64)
-    torch.sub(xd, x0, out=d[:, :n])
+    if p > n:  # padding with x0 makes d exactly +0.0 there, like the kernel
+        xd = torch.cat([xd, x0.expand(count, p - n)], dim=1)
+    d = torch.empty(fmt.BLOCK, count, p // fmt.BLOCK, dtype=torch.float64)
+    torch.sub(xd.view(count, p // fmt.BLOCK, fmt.BLOCK).permute(2, 0, 1), x0.view(1, count, 1), out=d)
     s1 = _tree_sum(d).tolist()
     s2 = _tree_sum(d * d).tolist()
     out = []

@@ -59,11 +59,12 @@ def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 
 
 def weighted_mean(parts: list[tuple[float, torch.Tensor]], numel: int) -> tuple[torch.Tensor, float]:
-    """Σ w_j x_j / Σ w_j in fp32, in the given order. Product and sum are rounded separately
-    (no fused multiply-add), so the result does not depend on how the vector is sliced."""
+    """Σ w_j x_j / Σ w_j in fp32, in the given order; consumes (scales in place) the parts' tensors.
+    Product and sum are rounded separately (no fused multiply-add), so the result does not depend
+    on how the vector is sliced."""
     acc, total = torch.zeros(numel, dtype=torch.float32), 0.0
     for weight, values in parts:
-        acc.add_(values * weight)
+        acc.add_(values.mul_(weight))
         total += weight
     return acc.div_(total), total
 
@@ -207,6 +208,8 @@ class AllReducer:
         try:
             payload = await asyncio.get_running_loop().run_in_executor(None, self.codec.encode, values)
         except CodecError as e:
+            if state.reduction is not None:  # our slice should not wait for a part that will never come
+                state.reduction.exclude(self.peer_id, f"its own vector cannot be encoded: {e}")
             raise RoundFailed(f"cannot encode our own part of slice {index}: {e}") from None
         part = OutgoingPart(index, reducer, values, payload, float(weight))
         if self.fault is not None:
@@ -241,6 +244,7 @@ class AllReducer:
         try:
             header = {
                 "group_id": state.group.group_id,
+                "group_digest": state.group.digest,
                 "slice": part.slice_index,
                 "weight": part.weight,
                 "numel": part.values.numel(),
@@ -280,6 +284,11 @@ class AllReducer:
                 )
             if state.group.member(sender) is None:
                 return await wire.send_json(writer, {"error": "not a member of this group"}, traffic)
+            if header.get("group_digest") != state.group.digest:
+                reduction.exclude(sender, "it holds another member list for this group (the leader sent two)")
+                return await wire.send_json(
+                    writer, {"error": "member lists differ: the leader sent two"}, traffic
+                )
             left = max(reduction.deadline - time.monotonic(), 0.0)
             try:
                 payload = await asyncio.wait_for(
@@ -325,9 +334,13 @@ class AllReducer:
             reduction.accept(sender, float(weight), values)
 
     def _decode_checked(self, payload: wire.Payload, numel: int) -> torch.Tensor:
+        # decode() refuses non-finite values (codec contract); should one slip through anyway, the
+        # average cannot be encoded and the slice fails as a whole instead of spreading NaN
         values = self.codec.decode(payload, numel)
-        if values.numel() != numel or not bool(torch.isfinite(values).all()):
-            raise CodecError("decoded part has the wrong size or non-finite values")
+        if values.shape != (numel,) or values.dtype != torch.float32:
+            raise CodecError(
+                f"decoded part has shape {tuple(values.shape)} and {values.dtype}, not ({numel},)"
+            )
         return values
 
     async def _reduce(self, reduction: _SliceReduction) -> None:

@@ -71,7 +71,7 @@ def check_announce_maddrs(values: Iterable[str]) -> list[str]:
 class _FileRSAKey(RSAPrivateKey):
     """hivemind's RSAPrivateKey built from an existing key instead of a fresh one."""
 
-    def __init__(self, key: rsa.RSAPrivateKey) -> None:  # noqa: D107 - deliberately skips key generation
+    def __init__(self, key: rsa.RSAPrivateKey) -> None:  # deliberately skips key generation
         self._private_key = key
 
 
@@ -138,6 +138,11 @@ class _SwarmDHT(hivemind.DHT):
         super().run()
 
 
+def _loopback_only(maddrs: Sequence[str]) -> bool:
+    hosts = [m.split("/")[2] for m in maddrs if m.startswith(("/ip4/", "/ip6/"))]
+    return len(hosts) == len(maddrs) > 0 and all(h.startswith("127.") or h == "::1" for h in hosts)
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)  # p2pd's log timestamp
@@ -176,6 +181,8 @@ def start_dht(
                 check_if_identity_free=identity.existed,
                 client_mode=client_mode,
                 record_validators=list(validators),
+                # asking the LAN's router (UPnP) for a port mapping makes no sense for a loopback listener
+                nat_port_map=not _loopback_only(host_maddrs),
             )
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError or ValueError here
             reason = _one_line(e)

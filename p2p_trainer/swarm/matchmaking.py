@@ -12,6 +12,8 @@ tells the next candidate whom it skipped, so both agree on who leads).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import secrets
@@ -52,6 +54,11 @@ class Group:
 
     def member(self, peer_id: str) -> Member | None:
         return next((m for m in self.members if m.peer_id == peer_id), None)
+
+    @property
+    def digest(self) -> str:
+        """Members compare this, so a leader that sent conflicting lists is caught."""
+        return hashlib.sha256(json.dumps(self.to_wire(), sort_keys=True).encode()).hexdigest()[:32]
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -138,7 +145,10 @@ class Matchmaker:
             if left <= 0:
                 break
             if leader == self.peer_id:
-                reply = await asyncio.wait_for(self._admit(me, step, numel, skipped), left)
+                try:
+                    reply = await asyncio.wait_for(self._admit(me, step, numel, skipped), left)
+                except asyncio.TimeoutError:
+                    break
             else:
                 try:
                     reply = await asyncio.wait_for(self._ask(leader, me, step, numel, skipped), left)
@@ -265,13 +275,16 @@ class Matchmaker:
                     return
                 expected = {pid for pid, r in records.items() if r.outer_step == step}
                 missing = sorted(expected - set(lobby.joined))
-                if lobby.joined and not missing:
+                enough = len(lobby.joined) >= self.min_group_size
+                if enough and not missing:
                     return self._freeze(lobby, "every live peer at this step joined")
                 if len(lobby.joined) >= self.target_group_size:
                     return self._freeze(lobby, f"target_group_size={self.target_group_size} reached")
                 if time.monotonic() >= lobby.deadline:
-                    why = f"matchmaking_timeout={self.timeout:g}s passed; still missing {', '.join(missing)}"
-                    if len(lobby.joined) >= self.min_group_size:
+                    why = f"matchmaking_timeout={self.timeout:g}s passed; " + _absentees(
+                        records, step, missing
+                    )
+                    if enough:
                         return self._freeze(lobby, why)
                     msg = f"only {len(lobby.joined)} peer(s) joined outer step {step}, min_group_size is "
                     logger.warning(f"round {step}: no group: {msg}{self.min_group_size} ({why})")
@@ -298,3 +311,12 @@ class Matchmaker:
             f"{lobby.frozen_at - lobby.opened:.2f}s ({why})"
         )
         lobby.outcome.set_result({"group": group.to_wire()})
+
+
+def _absentees(records: dict[str, ProgressRecord], step: int, missing: list[str]) -> str:
+    """Who we waited for in vain, and who is elsewhere: the hint a failed matchmaking needs."""
+    parts = [f"did not join: {', '.join(missing)}"] if missing else []
+    elsewhere = sorted(f"{pid} (step {r.outer_step})" for pid, r in records.items() if r.outer_step != step)
+    if elsewhere:
+        parts.append(f"live peers at other outer steps: {', '.join(elsewhere)}")
+    return "; ".join(parts) or "no other live peer has published progress for this run"

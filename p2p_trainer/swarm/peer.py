@@ -7,6 +7,7 @@ to p2pd through a replica of the DHT's P2P. Everything network-facing runs on th
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import math
@@ -17,9 +18,11 @@ from dataclasses import dataclass, field
 
 import hivemind
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from p2p_trainer.codec import get_codec
+from p2p_trainer.codec import Codec, get_codec
 from p2p_trainer.config import SwarmConfig
 from p2p_trainer.swarm import procs
 from p2p_trainer.swarm.allreduce import AllReducer, Fault
@@ -47,16 +50,25 @@ class RoundResult:
 
 
 class SwarmPeer:
-    """Joins (or starts) the swarm of ``cfg.run_id``; raises SwarmError with a one-line reason."""
+    """Joins (or starts) the swarm of ``cfg.run_id``; raises SwarmError with a one-line reason.
+
+    ``fingerprint`` (model config, tokenizer, data mix, codec, ...) must equal the swarm's; None joins
+    as an observer (for ``p2p-trainer status``) that checks and publishes nothing.
+    ``fault``: test seam, see ``OutgoingPart``."""
 
     def __init__(
-        self, cfg: SwarmConfig, fingerprint: dict, *, fault: Fault | None = None, record_ttl: float = 30.0
+        self,
+        cfg: SwarmConfig,
+        fingerprint: dict | None,
+        *,
+        fault: Fault | None = None,
     ) -> None:
         self.cfg = cfg
         self._closed = False
         self._dht: hivemind.DHT | None = None
         self._loop: LoopThread | None = None
         self._board: ProgressBoard | None = None
+        self._p2p: P2P | None = None
         self._refresh_asked = -math.inf
         initial_peers = check_multiaddrs(cfg.initial_peers, "swarm.initial_peers", need_peer_id=True)
         host_maddrs = check_multiaddrs(cfg.host_maddrs, "swarm.host_maddrs")
@@ -81,8 +93,11 @@ class SwarmPeer:
             )
             self._loop = LoopThread(f"swarm-{self.peer_id[-6:]}")
             self.visible_maddrs: list[str] = self._loop.run(
-                self._start(validators[0], fingerprint, record_ttl, codec, fault), timeout=60.0
+                self._start(validators[0], fingerprint, cfg.record_ttl, codec, fault), timeout=60.0
             )
+        except TimeoutError:
+            self.shutdown()
+            raise SwarmError("the swarm node started but did not become ready within 60s") from None
         except BaseException:
             self.shutdown()
             raise
@@ -90,11 +105,19 @@ class SwarmPeer:
             f"swarm peer {self.peer_id} is up; others can join through {' '.join(self.visible_maddrs)}"
         )
 
-    async def _start(self, signer, fingerprint: dict, ttl: float, codec, fault: Fault | None) -> list[str]:
+    async def _start(
+        self,
+        signer: RSASignatureValidator,
+        fingerprint: dict | None,
+        ttl: float,
+        codec: Codec,
+        fault: Fault | None,
+    ) -> list[str]:
         cfg = self.cfg
-        p2p = await self._dht.replicate_p2p()
+        p2p = self._p2p = await self._dht.replicate_p2p()
         self._board = ProgressBoard(self._dht, cfg.run_id, signer, self.peer_id, ttl)
-        await self._board.join_with_fingerprint(fingerprint)
+        if fingerprint is not None:
+            await self._board.join_with_fingerprint(fingerprint)
         self._matchmaker = Matchmaker(
             p2p,
             self._board,
@@ -137,13 +160,17 @@ class SwarmPeer:
     def publish_progress(
         self, *, outer_step: int, tokens: int, tokens_per_s: float, loss: float, params_sha256: str
     ) -> None:
-        """Non-blocking: the record is stored by the loop thread; a newer one supersedes it."""
+        """Non-blocking: the record is stored by the loop thread; a newer one supersedes it.
+        Call it every few inner steps, and right after an outer step with the new ``outer_step``:
+        leaders wait for exactly the peers whose records say they are at the round's step."""
+        if self._closed:
+            return
         if params_sha256 and (len(params_sha256) != 64 or params_sha256.strip("0123456789abcdef")):
             raise ValueError(f"params_sha256 must be 64 lowercase hex digits or empty, got {params_sha256!r}")
         record = ProgressRecord(
             peer_id=self.peer_id,
             outer_step=int(outer_step),
-            tokens=int(tokens),
+            tokens=max(0, int(tokens)),
             tokens_per_s=float(tokens_per_s),
             loss=None if loss is None else float(loss),
             params_sha256=params_sha256,
@@ -158,6 +185,10 @@ class SwarmPeer:
 
     def swarm_outer_step(self) -> int | None:
         return swarm_outer_step(self.swarm_records())
+
+    def run_fingerprint(self) -> dict | None:
+        """The run fingerprint most other live peers published (None if nobody did)."""
+        return self._loop.run(self._board.swarm_fingerprint(), timeout=30.0)[0]
 
     def round_should_close(self, *, outer_step: int, local_tokens: int, local_tokens_per_s: float) -> bool:
         """Token-target mode: True once the swarm's tokens for this round (ours now, the others'
@@ -190,12 +221,17 @@ class SwarmPeer:
             raise TypeError("all_reduce needs a 1-D contiguous float32 tensor")
         if vector.device.type != "cpu":
             raise TypeError("all_reduce needs a CPU tensor")
+        if not math.isfinite(weight):
+            raise ValueError(f"all_reduce weight must be finite, got {weight!r}")
+        if self._closed:
+            logger.warning(f"round {outer_step} skipped: this peer has shut down")
+            return None
         started = time.monotonic()
         mine = self._board.mine
         final = ProgressRecord(  # our exact tokens for this round; we stopped training it
             peer_id=self.peer_id,
             outer_step=int(outer_step),
-            tokens=int(weight),
+            tokens=max(0, int(weight)),
             tokens_per_s=0.0,
             loss=mine.loss if mine else None,
             params_sha256=mine.params_sha256 if mine else "",
@@ -247,11 +283,11 @@ class SwarmPeer:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None and self._loop.alive and self._board is not None:
+        if self._loop is not None and self._loop.alive:
             try:
-                self._loop.run(self._board.withdraw(), timeout=2.0)
+                self._loop.run(self._leave(), timeout=3.0)
             except Exception as e:
-                logger.debug(f"could not withdraw our progress record: {e!r}")
+                logger.debug(f"could not leave the swarm gracefully: {e!r}")
         if self._loop is not None:
             self._loop.stop()
         if self._dht is not None:
@@ -264,6 +300,12 @@ class SwarmPeer:
                     except ProcessLookupError:
                         pass
         self._identity.cleanup()
+
+    async def _leave(self) -> None:
+        if self._board is not None and self._board.mine is not None:
+            await asyncio.wait_for(self._board.withdraw(), 2.0)  # nobody should wait for us in matchmaking
+        if self._p2p is not None:
+            await self._p2p.shutdown()  # our client of the daemon (the daemon itself goes with the DHT)
 
     def __enter__(self) -> SwarmPeer:
         return self

@@ -128,6 +128,7 @@ class ProgressBoard:
         self._records: dict[str, ProgressRecord] = {}
         self._read_at = -math.inf  # monotonic time the cached read started
         self._reader: asyncio.Task | None = None
+        self._reader_started = -math.inf
         self._owners: dict[bytes, str] = {}
         self._complained: set[tuple[str, str]] = set()
 
@@ -177,7 +178,10 @@ class ProgressBoard:
             if time.monotonic() - self._last_store >= self.ttl / 4:
                 await self._store_mine()
             if self._fingerprint is not None:
-                await self._store(self._fingerprint_key, self._fingerprint)
+                try:
+                    await self._store(self._fingerprint_key, self._fingerprint)
+                except Exception as e:
+                    logger.warning(f"could not refresh our run fingerprint: {e!r}")
 
     async def withdraw(self) -> None:
         """Tell the others we left (a None entry), so nobody waits for us in matchmaking."""
@@ -186,9 +190,10 @@ class ProgressBoard:
     # ---- reading ----
     async def read(self, max_age: float = 0.5) -> dict[str, ProgressRecord]:
         """Live records by peer id, from a fetch that started at most ``max_age`` seconds ago."""
-        if time.monotonic() - self._read_at > max_age:
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._fetch())
+        oldest_ok = time.monotonic() - max_age
+        if self._read_at < oldest_ok:
+            if self._reader is None or self._reader.done() or self._reader_started < oldest_ok:
+                self._start_fetch()
             await asyncio.shield(self._reader)
         return dict(self._records)
 
@@ -199,12 +204,18 @@ class ProgressBoard:
     def refresh(self) -> None:
         """Start a read unless one is running (loop thread only)."""
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._fetch())
+            self._start_fetch()
 
-    async def _fetch(self) -> None:
-        started = time.monotonic()
+    def _start_fetch(self) -> None:
+        self._reader_started = time.monotonic()
+        self._reader = asyncio.create_task(self._fetch(self._reader_started))
+
+    async def _fetch(self, started: float) -> None:
+        entries = await self._read_entries(self._progress_key)
+        if entries is None:
+            return  # keep the last good view: "nobody else is there" would be a dangerous guess
         records: dict[str, ProgressRecord] = {}
-        for peer_id, value in (await self._read_entries(self._progress_key)).items():
+        for peer_id, value in entries.items():
             if value is None:
                 continue  # the peer withdrew
             try:
@@ -216,17 +227,18 @@ class ProgressBoard:
                 self._complain(peer_id, f"dropping its record that claims to be from {record.peer_id}")
                 continue
             records[peer_id] = record
-        if self._mine is not None and self._peer_id not in records:
+        if self._mine is not None:  # ours is fresher locally than anything the DHT returns
             records[self._peer_id] = self._mine
-        self._records, self._read_at = records, started
+        if started >= self._read_at:  # reads may overlap: never let an older one win
+            self._records, self._read_at = records, started
 
-    async def _read_entries(self, key: str) -> dict[str, Any]:
-        """Entries under ``key`` by the peer id their owner key derives to."""
+    async def _read_entries(self, key: str) -> dict[str, Any] | None:
+        """Entries under ``key`` by the peer id their owner key derives to; None if the read failed."""
         try:
             found = await self._dht.get(key, latest=True, return_future=True)
         except Exception as e:
             logger.warning(f"could not read {key} from the DHT: {e!r}")
-            return {}
+            return None
         if found is None or not isinstance(found.value, dict):
             return {}
         entries = {}
@@ -251,19 +263,35 @@ class ProgressBoard:
             logger.warning(f"peer {peer_id}: {what}")
 
     # ---- fingerprint ----
+    async def swarm_fingerprint(self) -> tuple[dict | None, int, int]:
+        """The fingerprint most other live peers published, how many published it, and of how many."""
+        others = []
+        for peer_id, value in (await self._read_entries(self._fingerprint_key) or {}).items():
+            if peer_id == self._peer_id or value is None:
+                continue
+            try:
+                parsed = json.loads(value) if isinstance(value, str) else None
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                self._complain(peer_id, "dropping its malformed run fingerprint")
+                continue
+            others.append(canonical_fingerprint(parsed))
+        if not others:
+            return None, 0, 0
+        counts = Counter(others)
+        best = max(counts, key=lambda fp: (counts[fp], fp))
+        return json.loads(best), counts[best], len(others)
+
     async def join_with_fingerprint(self, fingerprint: dict) -> None:
         """Refuse to join a swarm whose fingerprint differs from ours; then publish ours."""
         ours = canonical_fingerprint(fingerprint)
-        entries = await self._read_entries(self._fingerprint_key)
-        others = [v for pid, v in entries.items() if pid != self._peer_id and isinstance(v, str)]
-        if others:
-            counts = Counter(others)
-            swarm = max(counts, key=lambda fp: (counts[fp], fp))
-            if swarm != ours:
-                diff = first_difference(json.loads(swarm), json.loads(ours)) or "a field of different type"
-                raise SwarmError(
-                    f"this peer's run fingerprint differs from the swarm's ({counts[swarm]} of "
-                    f"{len(others)} peers) at {diff}; use the same config as the swarm or another --run-id"
-                )
+        swarm, agree, total = await self.swarm_fingerprint()
+        if swarm is not None and canonical_fingerprint(swarm) != ours:
+            diff = first_difference(swarm, json.loads(ours)) or "a field of different type"
+            raise SwarmError(
+                f"this peer's run fingerprint differs from the swarm's ({agree} of {total} peers) at {diff}; "
+                "use the same config as the swarm or another --run-id"
+            )
         self._fingerprint = ours
         await self._store(self._fingerprint_key, ours)
