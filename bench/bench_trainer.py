@@ -24,8 +24,9 @@ from p2p_trainer.run import Trainer
 
 def _plain_loop(cfg, batches: list[torch.Tensor]) -> float:
     model = build_model(cfg.model, len(build_tokenizer(cfg.data)), seed=cfg.inner.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.inner.lr, betas=tuple(cfg.inner.betas),
-                            weight_decay=cfg.inner.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.inner.lr, betas=tuple(cfg.inner.betas), weight_decay=cfg.inner.weight_decay
+    )
     t0 = time.perf_counter()
     for tokens in batches:
         logits = model(input_ids=tokens[:, :-1]).logits
@@ -52,8 +53,10 @@ def _ours(cfg, steps: int) -> float:
 
 
 def run(steps: int = 60, repeats: int = 3) -> list[dict]:
-    cfg = load_config("configs/debug.toml", {"swarm.host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
-                                             "inner.steps_per_round": 20, "log.level": "WARNING"})
+    cfg = load_config(
+        "configs/debug.toml",
+        {"swarm.host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "inner.steps_per_round": 20, "log.level": "WARNING"},
+    )
     stream = TokenStream(cfg.data, build_tokenizer(cfg.data), cfg.model.seq_len)
     batches = [stream.next_batch() for _ in range(steps)]
     plain, ours = [], []
@@ -63,8 +66,13 @@ def run(steps: int = 60, repeats: int = 3) -> list[dict]:
     p, o = statistics.median(plain), statistics.median(ours)
     return [
         {"bench": "trainer", "what": "plain PyTorch loop", "tokens_per_s": round(p), "steps": steps},
-        {"bench": "trainer", "what": "p2p-trainer (lone peer, 3 outer steps)", "tokens_per_s": round(o),
-         "steps": steps, "overhead_pct": round(100 * (p / o - 1), 2)},
+        {
+            "bench": "trainer",
+            "what": "p2p-trainer (lone peer, 3 outer steps)",
+            "tokens_per_s": round(o),
+            "steps": steps,
+            "overhead_pct": round(100 * (p / o - 1), 2),
+        },
     ]
 
 

@@ -38,8 +38,14 @@ def _status_server(port: int, info: dict) -> ThreadingHTTPServer:
     return server
 
 
-def run_bootstrap(*, initial_peers: list[str], host_maddrs: list[str] | None, announce_maddrs: list[str],
-                  identity: str, status_port: int = 0) -> int:
+def run_bootstrap(
+    *,
+    initial_peers: list[str],
+    host_maddrs: list[str] | None,
+    announce_maddrs: list[str],
+    identity: str,
+    status_port: int = 0,
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     peers = check_multiaddrs(initial_peers, "--initial-peers", need_peer_id=True)
     hosts = check_multiaddrs(host_maddrs or DEFAULT_HOST, "--host-maddrs")
@@ -48,8 +54,15 @@ def run_bootstrap(*, initial_peers: list[str], host_maddrs: list[str] | None, an
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = start_dht(identity=ident, initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce,
-                    client_mode=False, join_timeout=60.0, validators=[RSASignatureValidator()])
+    dht = start_dht(
+        identity=ident,
+        initial_peers=peers,
+        host_maddrs=hosts,
+        announce_maddrs=announce,
+        client_mode=False,
+        join_timeout=60.0,
+        validators=[RSASignatureValidator()],
+    )
     server = None
     try:
         maddrs = [str(m) for m in dht.get_visible_maddrs()]

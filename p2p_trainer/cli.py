@@ -36,13 +36,19 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
         is_list = isinstance(default, list)
         group.add_argument(
-            f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, nargs="+" if is_list else None,
-            metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {default!r})",
+            f"--{section}.{f.name}",
+            dest=f"{section}.{f.name}",
+            default=None,
+            nargs="+" if is_list else None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (default: {default!r})",
         )
 
 
 def _swarm_flags(parser: argparse.ArgumentParser, *, identity_help: str) -> None:
-    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="multiaddrs of any peers of the swarm")
+    parser.add_argument(
+        "--initial-peers", nargs="+", metavar="MADDR", help="multiaddrs of any peers of the swarm"
+    )
     parser.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="multiaddrs to listen on")
     parser.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="multiaddrs others should dial")
     parser.add_argument("--identity", metavar="KEY", help=identity_help)
@@ -52,20 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-trainer", description="Train LLMs peer to peer with DiLoCo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train as one peer of a swarm (starts a new swarm without --initial-peers)")
+    train = sub.add_parser(
+        "train", help="train as one peer of a swarm (starts a new swarm without --initial-peers)"
+    )
     train.add_argument("--config", metavar="F.toml", help="TOML config (default: built-in debug defaults)")
     _swarm_flags(train, identity_help="private key file: keeps this peer's id across restarts")
     train.add_argument("--run-id", help="name of the training run")
     train.add_argument("--metrics", metavar="OUT.jsonl", help="write metrics records to this JSONL file")
     train.add_argument("--max-outer-steps", type=int, metavar="N", help="stop after N outer steps")
-    train.add_argument("--client-mode", action="store_true", default=None,
-                       help="outgoing connections only (behind NAT): contributes, reduces no slice")
+    train.add_argument(
+        "--client-mode",
+        action="store_true",
+        default=None,
+        help="outgoing connections only (behind NAT): contributes, reduces no slice",
+    )
     train.add_argument("--resume", action="store_true", default=None, help="resume from the last checkpoint")
     _add_config_options(train)
 
     boot = sub.add_parser("bootstrap", help="run the long-lived initial peer (DHT only)")
     _swarm_flags(boot, identity_help="private key file: keeps the bootstrap peer's id across restarts")
-    boot.add_argument("--status-port", type=int, default=0, help="serve a small HTTP status page on this port")
+    boot.add_argument(
+        "--status-port", type=int, default=0, help="serve a small HTTP status page on this port"
+    )
 
     status = sub.add_parser("status", help="show the live peers and the run")
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
@@ -73,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     export = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
-    export.add_argument("checkpoint", help="checkpoint file (ckpt-*.pt) or a checkpoint folder (newest is used)")
+    export.add_argument(
+        "checkpoint", help="checkpoint file (ckpt-*.pt) or a checkpoint folder (newest is used)"
+    )
     export.add_argument("out_dir", help="output folder (safetensors + config + tokenizer)")
     return parser
 
@@ -124,9 +140,13 @@ def _export(args: argparse.Namespace) -> int:
 def _bootstrap(args: argparse.Namespace) -> int:
     from p2p_trainer.bootstrap import run_bootstrap
 
-    return run_bootstrap(initial_peers=args.initial_peers or [], host_maddrs=args.host_maddrs,
-                         announce_maddrs=args.announce_maddrs or [], identity=args.identity or "",
-                         status_port=args.status_port)
+    return run_bootstrap(
+        initial_peers=args.initial_peers or [],
+        host_maddrs=args.host_maddrs,
+        announce_maddrs=args.announce_maddrs or [],
+        identity=args.identity or "",
+        status_port=args.status_port,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -8,12 +8,13 @@ fails with one line naming the bad value instead of a traceback deep inside trai
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -40,12 +41,23 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init")
 
     def validate(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "seq_len"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "seq_len",
+        ):
             _positive(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model.num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
+            )
         if self.vocab_size < 0:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0")
 
@@ -71,7 +83,8 @@ class DataConfig:
         _positive("data.micro_batch_size", self.micro_batch_size)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
-                f"data.batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}"
+                f"data.batch_size={self.batch_size} is not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
             )
         if not 0.0 < self.eval_fraction < 0.5:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in (0, 0.5)")
@@ -98,7 +111,9 @@ class InnerConfig:
     min_lr_ratio: float = _f(0.0, "lr at the end of the decay, as a fraction of lr")
     grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping")
     z_loss: float = _f(0.0, "weight of the z-loss (log^2 of the softmax normaliser); 0 disables")
-    steps_per_round: int = _f(25, "H: inner steps between two outer steps (fixed-H mode, and the target otherwise)")
+    steps_per_round: int = _f(
+        25, "H: inner steps between two outer steps (fixed-H mode, and the target otherwise)"
+    )
     autocast: str = _f("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
     seed: int = _f(0, "seed of the model init (equal on every peer of a run)")
     slowdown: float = _f(1.0, "simulate a slower machine: each inner step takes this many times longer")
@@ -115,7 +130,11 @@ class InnerConfig:
             raise ConfigError(f"inner.autocast={self.autocast!r} must be 'auto', 'bf16' or 'fp32'")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"inner.betas={self.betas!r} must be two numbers in [0, 1)")
-        if self.warmup_steps < 0 or self.decay_steps < 0 or self.warmup_steps + self.decay_steps > self.total_steps:
+        if (
+            self.warmup_steps < 0
+            or self.decay_steps < 0
+            or self.warmup_steps + self.decay_steps > self.total_steps
+        ):
             raise ConfigError(
                 f"inner.warmup_steps={self.warmup_steps} + decay_steps={self.decay_steps} "
                 f"exceeds total_steps={self.total_steps}"
@@ -139,9 +158,15 @@ class SwarmConfig:
     run_id: str = _f("p2p-debug", "name of the training run; peers with another run id never group with us")
     initial_peers: list = _f([], "multiaddrs of any peers of the swarm; empty starts a new swarm")
     host_maddrs: list = _f(["/ip4/0.0.0.0/tcp/0"], "multiaddrs to listen on")
-    announce_maddrs: list = _f([], "multiaddrs other peers should dial (public address behind NAT/port mapping)")
-    identity: str = _f("", "path of a private key file; keeps the peer id across restarts (created if missing)")
-    client_mode: bool = _f(False, "outgoing connections only (behind NAT): contributes to rounds, reduces no slice")
+    announce_maddrs: list = _f(
+        [], "multiaddrs other peers should dial (public address behind NAT/port mapping)"
+    )
+    identity: str = _f(
+        "", "path of a private key file; keeps the peer id across restarts (created if missing)"
+    )
+    client_mode: bool = _f(
+        False, "outgoing connections only (behind NAT): contributes to rounds, reduces no slice"
+    )
     codec: str = _f("int8", "pseudo-gradient codec on the wire: 'int8' or 'fp32'")
     target_group_size: int = _f(16, "most peers in one all-reduce group")
     min_group_size: int = _f(1, "fewest peers for a round to count (1 lets a lone peer keep training)")
@@ -151,8 +176,13 @@ class SwarmConfig:
     matchmaking_timeout: float = _f(15.0, "seconds to wait for group partners at a round boundary")
     allreduce_timeout: float = _f(30.0, "seconds before a silent group member is left out of the all-reduce")
     join_timeout: float = _f(60.0, "seconds to keep retrying unreachable initial peers (with backoff)")
-    max_weight: float = _f(1e9, "largest token weight a peer may claim for one round; larger parts are rejected")
-    record_ttl: float = _f(30.0, "seconds a peer's progress record outlives its last refresh (a crashed peer's lingers this long)")
+    max_weight: float = _f(
+        1e9, "largest token weight a peer may claim for one round; larger parts are rejected"
+    )
+    record_ttl: float = _f(
+        30.0,
+        "seconds a peer's progress record outlives its last refresh (a crashed peer's lingers this long)",
+    )
 
     def validate(self) -> None:
         from p2p_trainer.codec import CODECS  # codec names live with the codecs
@@ -203,7 +233,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for section in SECTIONS:
             getattr(self, section).validate()
         return self

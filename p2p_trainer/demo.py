@@ -24,8 +24,12 @@ def _cli(*args: str) -> list[str]:
 
 def start_bootstrap(out: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """Start `p2p-trainer bootstrap` and return it with the multiaddr it prints."""
-    proc = subprocess.Popen(_cli("bootstrap", "--identity", str(out / "bootstrap.key"), "--host-maddrs", LOOPBACK),
-                            stdout=subprocess.PIPE, stderr=open(out / "bootstrap.log", "w"), text=True)
+    proc = subprocess.Popen(
+        _cli("bootstrap", "--identity", str(out / "bootstrap.key"), "--host-maddrs", LOOPBACK),
+        stdout=subprocess.PIPE,
+        stderr=open(out / "bootstrap.log", "w"),
+        text=True,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -39,8 +43,20 @@ def start_bootstrap(out: Path, timeout: float = 60.0) -> tuple[subprocess.Popen,
 
 def start_trainer(out: Path, name: str, initial_peer: str, config: str, extra: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    args = _cli("train", "--config", config, "--initial-peers", initial_peer, "--host-maddrs", LOOPBACK,
-                "--metrics", str(out / f"{name}.jsonl"), "--log.progress_bar", "false", *extra)
+    args = _cli(
+        "train",
+        "--config",
+        config,
+        "--initial-peers",
+        initial_peer,
+        "--host-maddrs",
+        LOOPBACK,
+        "--metrics",
+        str(out / f"{name}.jsonl"),
+        "--log.progress_bar",
+        "false",
+        *extra,
+    )
     return subprocess.Popen(args, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -74,9 +90,12 @@ def format_row(step: int, recs: dict[str, dict]) -> str:
     vals = list(recs.values())
     loss = sum(r["loss"] for r in vals) / len(vals)
     agree = "yes" if len({r["params_sha256"] for r in vals}) == 1 else "NO"
-    return (f"{step:>5} {loss:>8.4f} {max(r['group_size'] for r in vals):>6} "
-            f"{max(r['allreduce_s'] for r in vals):>8.2f} {sum(r['bytes_sent'] for r in vals) / len(vals) / 1e6:>9.2f} "
-            f"{len(vals):>6} {agree:>7}")
+    return (
+        f"{step:>5} {loss:>8.4f} {max(r['group_size'] for r in vals):>6} "
+        f"{max(r['allreduce_s'] for r in vals):>8.2f} "
+        f"{sum(r['bytes_sent'] for r in vals) / len(vals) / 1e6:>9.2f} "
+        f"{len(vals):>6} {agree:>7}"
+    )
 
 
 HEADER = f"{'outer':>5} {'loss':>8} {'group':>6} {'allred_s':>8} {'MB_sent':>9} {'peers':>6} {'hashes':>7}"
@@ -97,7 +116,9 @@ def plot(metrics: dict[str, Path], path: Path) -> None:
         ev = read_metrics(m, "eval")
         ax2.plot([r["outer_step"] for r in ev], [r["eval_loss"] for r in ev], marker="o", label=peer)
     ax1.set(xlabel="inner step", ylabel="training loss (nats/token)", title="inner loss per peer")
-    ax2.set(xlabel="outer step", ylabel="held-out loss (nats/token)", title="held-out loss after each outer step")
+    ax2.set(
+        xlabel="outer step", ylabel="held-out loss (nats/token)", title="held-out loss after each outer step"
+    )
     for ax in (ax1, ax2):
         ax.legend()
         ax.grid(alpha=0.3)
@@ -120,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bootstrap peer: {maddr}", flush=True)
     names = [f"peer{i}" for i in range(args.peers)]
     metrics = {n: out / f"{n}.jsonl" for n in names}
+    # the demo's peers start together: wait for all of them in every round
+    extra = ["--swarm.min_group_size", str(args.peers), *extra]
     trainers = [start_trainer(out, n, maddr, args.config, extra) for n in names]
     print(f"{args.peers} trainers started; logs and metrics in {out}/\n{HEADER}", flush=True)
     printed: set[int] = set()
@@ -140,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(metrics, out / "loss.png")
     shared = [r for r in rows.values() if len(r) > 1]
     disagree = sum(len({x["params_sha256"] for x in r.values()}) > 1 for r in shared)
-    print(f"\nouter steps: {len(rows)}, shared rounds with disagreeing hashes: {disagree}, "
-          f"exit codes: {codes}\nloss plot: {out / 'loss.png'}")
+    print(
+        f"\nouter steps: {len(rows)}, shared rounds with disagreeing hashes: {disagree}, "
+        f"exit codes: {codes}\nloss plot: {out / 'loss.png'}"
+    )
     return 0 if not disagree and rows and all(c == 0 for c in codes) else 1
 
 

@@ -24,7 +24,10 @@ class DiLoCo:
     def __init__(self, initial: torch.Tensor, cfg: OuterConfig):
         self.master = torch.nn.Parameter(initial.detach().float().cpu().clone(), requires_grad=False)
         self.optimizer = torch.optim.SGD(
-            [self.master], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            [self.master],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
             foreach=False,
         )
         self.outer_step = 0
@@ -32,7 +35,9 @@ class DiLoCo:
     def pseudo_gradient(self, local: torch.Tensor) -> torch.Tensor:
         """Δ = θ − θ_local: the direction the inner steps moved, as a gradient of the outer step."""
         if local.shape != self.master.shape:
-            raise ValueError(f"local parameters have {local.numel()} values, the master copy {self.master.numel()}")
+            raise ValueError(
+                f"local parameters have {local.numel()} values, the master copy {self.master.numel()}"
+            )
         return self.master.detach() - local.float()
 
     @torch.no_grad()

@@ -57,7 +57,9 @@ def _autocast_dtype(cfg: InnerConfig, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to optimise, plain cross-entropy to report); z-loss keeps the softmax normaliser near 1."""
     logits = logits.float().flatten(0, 1)
     ce = F.cross_entropy(logits, targets.flatten())
@@ -69,15 +71,27 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -
 class InnerLoop:
     """AdamW + WSD + clipping + z-loss + accumulation over one peer's batch, split across local ranks."""
 
-    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, micro_batch_size: int, *, rank: int = 0,
-                 world: int = 1, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: InnerConfig,
+        micro_batch_size: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+    ):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = torch.device(device)
         self.micro_batch_size = micro_batch_size
         self.model = apply_fsdp(model) if world > 1 else model
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-            weight_decay=cfg.weight_decay, fused=self.device.type == "cuda",
+            self.model.parameters(),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=self.device.type == "cuda",
         )
         self.step_count = 0
         self._autocast = _autocast_dtype(cfg, self.device)
@@ -86,14 +100,17 @@ class InnerLoop:
         return self.cfg.lr * wsd_factor(self.step_count, self.cfg)
 
     def _forward_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = (torch.autocast(self.device.type, dtype=self._autocast) if self._autocast
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(self.device.type, dtype=self._autocast)
+            if self._autocast
+            else contextlib.nullcontext()
+        )
         with ctx:
             logits = self.model(input_ids=tokens[:, :-1]).logits
         return causal_lm_loss(logits, tokens[:, 1:], self.cfg.z_loss)
 
     def step(self, batch: torch.Tensor) -> StepStats:
-        """One optimizer step on the peer's whole batch [B, T+1]; this rank takes every world-th micro-batch."""
+        """One optimizer step on the peer's batch [B, T+1]; this rank takes every world-th micro-batch."""
         self.model.train()
         micro = batch.split(self.micro_batch_size)
         mine = micro[self.rank :: self.world]

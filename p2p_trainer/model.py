@@ -27,7 +27,9 @@ def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, *, seed: int = 0, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+def build_model(
+    cfg: ModelConfig, vocab_size: int, *, seed: int = 0, device: str | torch.device = "cpu"
+) -> LlamaForCausalLM:
     """A freshly initialised model; the same seed gives bit-identical weights on every peer."""
     hf_cfg = llama_config(cfg, vocab_size)
     hf_cfg._attn_implementation = "sdpa"

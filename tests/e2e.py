@@ -27,7 +27,7 @@ def wait_for_line(log: Path, prefix: str, proc: subprocess.Popen, timeout: float
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
         if proc.poll() is not None:
             break
         time.sleep(0.2)
@@ -46,5 +46,15 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int:
 
 
 def train_args(tmp: Path, name: str, *extra: str) -> list[str]:
-    return cli("train", "--config", "configs/debug.toml", "--host-maddrs", LOOPBACK,
-               "--metrics", str(tmp / f"{name}.jsonl"), "--log.progress_bar", "false", *extra)
+    return cli(
+        "train",
+        "--config",
+        "configs/debug.toml",
+        "--host-maddrs",
+        LOOPBACK,
+        "--metrics",
+        str(tmp / f"{name}.jsonl"),
+        "--log.progress_bar",
+        "false",
+        *extra,
+    )

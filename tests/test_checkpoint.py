@@ -35,7 +35,9 @@ save_checkpoint(sys.argv[1], 2, {"big": torch.zeros(1 << 20), "slow": Slow()}, k
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     save_checkpoint(tmp_path, 1, {"step": 1, "x": torch.arange(10)}, keep=2)
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "saving"
         time.sleep(0.2)

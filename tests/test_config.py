@@ -37,7 +37,13 @@ def test_intellect1_shape_and_recipe():
     m, i = cfg.model, cfg.inner
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads) == (4096, 42, 32, 8)
     assert (m.intermediate_size, m.vocab_size, m.seq_len, m.rope_theta) == (14336, 128256, 8192, 500000.0)
-    assert (i.lr, i.betas, i.weight_decay, i.warmup_steps, i.decay_shape) == (7.5e-5, [0.9, 0.95], 0.1, 1000, "1-sqrt")
+    assert (i.lr, i.betas, i.weight_decay, i.warmup_steps, i.decay_shape) == (
+        7.5e-5,
+        [0.9, 0.95],
+        0.1,
+        1000,
+        "1-sqrt",
+    )
     assert i.z_loss > 0 and i.steps_per_round == 100 and cfg.swarm.codec == "int8"
     weights = {s["name"].split("/")[-1].lower(): s["weight"] for s in cfg.data.sources}
     assert sorted(weights.values()) == [5, 10, 10, 20, 55]
@@ -45,8 +51,15 @@ def test_intellect1_shape_and_recipe():
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(None, {"inner.lr": "0.01", "swarm.client_mode": "true", "inner.betas": "[0.8, 0.9]",
-                             "swarm.initial_peers": ["/ip4/127.0.0.1/tcp/1"]})
+    cfg = load_config(
+        None,
+        {
+            "inner.lr": "0.01",
+            "swarm.client_mode": "true",
+            "inner.betas": "[0.8, 0.9]",
+            "swarm.initial_peers": ["/ip4/127.0.0.1/tcp/1"],
+        },
+    )
     assert cfg.inner.lr == 0.01 and cfg.swarm.client_mode is True and cfg.inner.betas == [0.8, 0.9]
     assert cfg.swarm.initial_peers == ["/ip4/127.0.0.1/tcp/1"]
 
@@ -85,16 +98,21 @@ def test_toml_type_error_names_key(tmp_path):
     ],
 )
 def test_cli_bad_input_one_line_exit_2(args, needle):
-    proc = subprocess.run([sys.executable, "-m", "p2p_trainer.cli", "train", *args],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2p_trainer.cli", "train", *args], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_train_help_lists_every_field():
-    proc = subprocess.run([sys.executable, "-m", "p2p_trainer.cli", "train", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2p_trainer.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     from p2p_trainer.config import section_fields
 

@@ -11,7 +11,9 @@ from p2p_trainer.model import build_model
 from p2p_trainer.schedule import wsd_factor
 
 pytestmark = pytest.mark.timeout(120)
-MODEL = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seq_len=32)
+MODEL = ModelConfig(
+    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seq_len=32
+)
 INNER = InnerConfig(lr=3e-3, warmup_steps=2, total_steps=10, decay_steps=2, z_loss=1e-4, grad_clip=0.5)
 VOCAB, STEPS = 97, 4
 
@@ -29,8 +31,13 @@ def _train(rank: int, world: int) -> tuple[list[float], torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     r, w, _ = init_distributed()
     assert (r, w) == (rank, world)
@@ -59,7 +66,9 @@ def test_fsdp_two_ranks_match_one_rank():
 
 
 def test_wsd_schedule_shapes():
-    cfg = InnerConfig(warmup_steps=10, total_steps=100, decay_steps=20, min_lr_ratio=0.1, decay_shape="linear")
+    cfg = InnerConfig(
+        warmup_steps=10, total_steps=100, decay_steps=20, min_lr_ratio=0.1, decay_shape="linear"
+    )
     assert wsd_factor(0, cfg) == pytest.approx(0.1)
     assert wsd_factor(9, cfg) == pytest.approx(1.0)
     assert wsd_factor(50, cfg) == 1.0

@@ -14,15 +14,33 @@ PEERS, STEPS = 3, 3
 @pytest.fixture(scope="module")
 def swarm_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("swarm")
-    boot = start(cli("bootstrap", "--identity", str(tmp / "boot.key"), "--host-maddrs", LOOPBACK), tmp / "boot.log")
+    boot = start(
+        cli("bootstrap", "--identity", str(tmp / "boot.key"), "--host-maddrs", LOOPBACK), tmp / "boot.log"
+    )
     procs = []
     try:
         maddr = wait_for_line(tmp / "boot.log", "initial peer:", boot)
         t0 = time.monotonic()
         for i in range(PEERS):
-            procs.append(start(train_args(tmp, f"p{i}", "--initial-peers", maddr, "--max-outer-steps", str(STEPS),
-                                          "--inner.steps_per_round", "8", "--log.eval_every", "0",
-                                          "--swarm.min_group_size", str(PEERS)), tmp / f"p{i}.log"))
+            procs.append(
+                start(
+                    train_args(
+                        tmp,
+                        f"p{i}",
+                        "--initial-peers",
+                        maddr,
+                        "--max-outer-steps",
+                        str(STEPS),
+                        "--inner.steps_per_round",
+                        "8",
+                        "--log.eval_every",
+                        "0",
+                        "--swarm.min_group_size",
+                        str(PEERS),
+                    ),
+                    tmp / f"p{i}.log",
+                )
+            )
         codes = [p.wait(timeout=240) for p in procs]
         elapsed = time.monotonic() - t0
         boot_code = stop(boot)

@@ -16,8 +16,10 @@ STEPS = 3
 def lone_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lone")
     t0 = time.monotonic()
-    proc = start(train_args(tmp, "m", "--max-outer-steps", str(STEPS), "--checkpoint.dir", str(tmp / "ckpt")),
-                 tmp / "log")
+    proc = start(
+        train_args(tmp, "m", "--max-outer-steps", str(STEPS), "--checkpoint.dir", str(tmp / "ckpt")),
+        tmp / "log",
+    )
     code = proc.wait(timeout=200)
     return tmp, code, time.monotonic() - t0
 
@@ -38,8 +40,18 @@ def test_metrics_records_follow_the_contract(lone_run):
     outer = read_metrics(tmp / "m.jsonl", "outer_step")
     assert len(inner) == STEPS * 20 and len(outer) == STEPS
     assert {"step", "loss", "lr", "tokens_per_s"} <= inner[0].keys()
-    for key in ("outer_step", "loss", "tokens", "group_size", "allreduce_s", "bytes_sent", "bytes_received",
-                "params_sha256", "time", "wait_s"):
+    for key in (
+        "outer_step",
+        "loss",
+        "tokens",
+        "group_size",
+        "allreduce_s",
+        "bytes_sent",
+        "bytes_received",
+        "params_sha256",
+        "time",
+        "wait_s",
+    ):
         assert key in outer[0], key
     assert [r["outer_step"] for r in outer] == [1, 2, 3]
     assert all(r["group_size"] == 1 and r["tokens"] == 20 * 16 * 128 for r in outer)
@@ -54,8 +66,9 @@ def test_export_loads_in_transformers_with_same_logits(lone_run, tmp_path):
     tmp = lone_run[0]
     import subprocess
 
-    proc = subprocess.run(cli("export", str(tmp / "ckpt"), str(tmp_path / "hf")), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        cli("export", str(tmp / "ckpt"), str(tmp_path / "hf")), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "hf" / "model.safetensors").exists()
     ours, tok, _ = load_model_from_checkpoint(tmp / "ckpt")
@@ -73,8 +86,20 @@ def test_export_loads_in_transformers_with_same_logits(lone_run, tmp_path):
 
 def test_resume_continues_from_checkpoint(lone_run):
     tmp = lone_run[0]
-    proc = start(train_args(tmp, "resumed", "--max-outer-steps", str(STEPS + 1), "--checkpoint.dir",
-                            str(tmp / "ckpt"), "--resume", "--log.eval_every", "0"), tmp / "resume.log")
+    proc = start(
+        train_args(
+            tmp,
+            "resumed",
+            "--max-outer-steps",
+            str(STEPS + 1),
+            "--checkpoint.dir",
+            str(tmp / "ckpt"),
+            "--resume",
+            "--log.eval_every",
+            "0",
+        ),
+        tmp / "resume.log",
+    )
     assert proc.wait(timeout=120) == 0, (tmp / "resume.log").read_text()[-3000:]
     outer = read_metrics(tmp / "resumed.jsonl", "outer_step")
     assert [r["outer_step"] for r in outer] == [STEPS + 1]

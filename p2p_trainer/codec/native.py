@@ -150,7 +150,8 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _library_path(config: BuildConfig) -> Path:
+def _library_path(config: BuildConfig) -> tuple[Path, str]:
+    """Where the library for ``config`` is cached, and the resolved compiler that builds it."""
     try:
         source = config.source.read_bytes()
     except OSError as e:
@@ -167,16 +168,15 @@ def _library_path(config: BuildConfig) -> Path:
         _cpu_identity().encode(),
     ):
         key.update(hashlib.sha256(part).digest())
-    return config.cache_dir / f"int8_codec-{key.hexdigest()[:24]}.so"
+    return config.cache_dir / f"int8_codec-{key.hexdigest()[:24]}.so", compiler
 
 
 def _build(config: BuildConfig) -> Path:
     if sys.byteorder != "little":
         raise NativeUnavailable("the int8 kernel assumes a little-endian host")
-    target = _library_path(config)
+    target, compiler = _library_path(config)
     if target.exists():
         return target
-    compiler, _ = _compiler_identity(config.compiler)
     try:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
