@@ -300,9 +300,10 @@ static void quantize_chunk(void *arg, int64_t c) {
 
     pair_d h[N_SUB][NB];
     memset(h, 0, sizeof h);
-    /* Codes and histogram per L1-sized piece, so the histogram re-reads x and codes from L1. */
-    /* Back to front: the statistics pass just left the chunk's tail in L2. */
-    for (int64_t i = (n - 1) / PIECE * PIECE; i >= 0; i -= PIECE) {
+    /* Codes and histogram per L1-sized piece, so the histogram re-reads x and codes from L1.
+     * (Walking the chunk back to front to reuse the tail the statistics pass left in L2 measured
+     * ~10% slower: the hardware prefetchers prefer ascending streams.) */
+    for (int64_t i = 0; i < n; i += PIECE) {
         int64_t len = n - i < PIECE ? n - i : PIECE;
         codes_of(x + i, len, lo, scale, codes + i);
         histogram_add(x + i, codes + i, len, h);

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from p2p_trainer.config import ConfigError, load_config, section_fields
+from p2p_trainer.config import ConfigError, SwarmConfig, load_config, section_fields
 
 USAGE_ERROR = 2
 
@@ -81,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--status-port", type=int, default=0, help="serve a small HTTP status page on this port"
     )
 
-    status = sub.add_parser("status", help="show the live peers and the run")
+    status = sub.add_parser("status", help="show the live peers and the run",
+                            epilog="exit code: 0 the run was found, 1 no live peer of the run, "
+                                   "2 bad input or the swarm unreachable")
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
-    status.add_argument("--run-id", help="run to show (default: every run found)")
+    status.add_argument("--run-id",
+                        help=f"run to show (default: {SwarmConfig().run_id!r}; the DHT cannot list runs)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     export = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")

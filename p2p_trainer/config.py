@@ -183,6 +183,14 @@ class SwarmConfig:
         30.0,
         "seconds a peer's progress record outlives its last refresh (a crashed peer's lingers this long)",
     )
+    state_timeout: float = _f(
+        60.0, "seconds to download the training state from one donor before trying another"
+    )
+    download_inner_state: bool = _f(
+        False,
+        "joining or catching up also downloads the donor's inner AdamW state (else the peer keeps its own); "
+        "a peer with this on keeps a CPU copy of its AdamW state from each outer step to serve it",
+    )
 
     def validate(self) -> None:
         from p2p_trainer.codec import CODECS  # codec names live with the codecs
@@ -193,7 +201,8 @@ class SwarmConfig:
             raise ConfigError(f"swarm.run_id={self.run_id!r} must be non-empty without spaces or slashes")
         _positive("swarm.target_group_size", self.target_group_size)
         _positive("swarm.min_group_size", self.min_group_size)
-        for name in ("matchmaking_timeout", "allreduce_timeout", "join_timeout", "record_ttl"):
+        timeouts = ("matchmaking_timeout", "allreduce_timeout", "join_timeout", "record_ttl", "state_timeout")
+        for name in timeouts:
             _positive(f"swarm.{name}", getattr(self, name))
         if self.round_tokens < 0:
             raise ConfigError(f"swarm.round_tokens={self.round_tokens} must be >= 0")

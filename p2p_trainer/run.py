@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ def run_fingerprint(cfg: Config, tokenizer) -> dict:
         "codec": cfg.swarm.codec,
         "data_mix": [[s["name"], float(s.get("weight", 1.0))] for s in cfg.data.sources],
         "seq_len": cfg.model.seq_len,
+        "round_tokens": cfg.swarm.round_tokens,  # how a round closes (0: fixed H); `status` needs it for ETAs
     }
 
 
@@ -43,19 +45,30 @@ def peer_seed(peer_id: str) -> int:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop leaves at the next safe point and shuts down cleanly."""
+    """Set by SIGINT/SIGTERM: the loop leaves at the next safe point and shuts down cleanly.
+    Callbacks registered with ``on_stop`` (the swarm peer's ``interrupt``) run in the handler, so a
+    blocking swarm call in progress gives up instead of waiting out its timeout."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.abort_now = False  # set while joining the swarm (which retries for up to join_timeout)
+        self._callbacks: list = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._handle)
 
+    def on_stop(self, callback) -> None:
+        self._callbacks.append(callback)
+        if self.event.is_set():  # the signal came first (e.g. while the swarm node was starting)
+            callback()
+
     def _handle(self, signum, frame) -> None:
-        if self.event.is_set():
-            raise KeyboardInterrupt
+        if self.event.is_set() or self.abort_now:
+            raise KeyboardInterrupt  # the CLI exits 0; the swarm peer being built cleans up after itself
         logger.info("received signal %d: finishing cleanly", signum)
         self.event.set()
+        for callback in self._callbacks:
+            callback()
 
     def __bool__(self) -> bool:
         return self.event.is_set()
@@ -85,7 +98,14 @@ class Trainer:
         if int(os.environ.get("RANK", "0")) == 0:
             from p2p_trainer.swarm.peer import SwarmPeer
 
-            self.peer = (swarm_factory or SwarmPeer)(cfg.swarm, self.fingerprint)
+            if self.stop:
+                raise KeyboardInterrupt  # asked to stop before we even joined
+            self.stop.abort_now = True
+            try:
+                self.peer = (swarm_factory or SwarmPeer)(cfg.swarm, self.fingerprint)
+            finally:
+                self.stop.abort_now = False
+            self.stop.on_stop(self.peer.interrupt)
         self.rank, self.world, self.device = init_distributed()
         vocab = len(self.tokenizer)
         model = build_model(cfg.model, vocab, seed=cfg.inner.seed, device=self.device)
@@ -99,6 +119,8 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.log.metrics if self.rank == 0 else None)
         self.n_params = initial.numel()
         self.params_sha256 = ""  # hash of θ after the last outer step; "" before the first
+        self.resumed_step: int | None = None
+        self.catching_up = False  # this round started from a downloaded state, later than the others'
         if cfg.checkpoint.resume and cfg.checkpoint.dir:
             self._resume()
 
@@ -113,6 +135,9 @@ class Trainer:
     def _round_closed(self, stats: RoundStats, outer_step: int) -> bool:
         if self.cfg.swarm.round_tokens == 0 or self.peer is None:
             closed = stats.steps >= self.cfg.inner.steps_per_round
+            if not closed and self.peer is not None and stats.steps > 0:
+                # the swarm moved on without us, or (catching up) everyone else waits for us
+                closed = self.peer.round_is_late(outer_step=outer_step, catching_up=self.catching_up)
         else:
             closed = self.peer.round_should_close(
                 outer_step=outer_step, local_tokens=stats.tokens, local_tokens_per_s=stats.tokens_per_s()
@@ -123,19 +148,103 @@ class Trainer:
     def run(self) -> int:
         outer_step = self.diloco.outer_step if self.diloco else 0
         outer_step = self._broadcast_int(outer_step)
-        if self.cfg.log.eval_every:
-            self._log_eval(outer_step)
         bar = tqdm(desc="train", unit="step", disable=self.rank != 0 or not self.cfg.log.progress_bar)
         try:
+            # a late joiner (or a peer resuming behind the swarm) starts from the swarm's state
+            outer_step = self._sync(outer_step) or outer_step
+            self._publish_state(outer_step)
+            if self.cfg.log.eval_every and not self.stop:
+                self._log_eval(outer_step)
             while not self.stop and (self.max_outer_steps is None or outer_step < self.max_outer_steps):
                 stats = self._inner_round(outer_step, bar)
-                if self.stop and stats.steps == 0:
-                    break
+                if self.stop:
+                    break  # leaving: a round now would make the others wait for us in matchmaking
+                synced = self._sync(outer_step)
+                if synced is not None:  # we were behind or diverged: this round's work is dropped
+                    outer_step = synced
+                    continue
                 outer_step = self._outer_round(outer_step, stats)
         finally:
             bar.close()
             self.close()
         return 0
+
+    # ---- staying in sync with the swarm --------------------------------------------------------
+    def _sync(self, outer_step: int) -> int | None:
+        """Download the swarm's state when this peer is behind it or holds another θ at its step
+        (see ``swarm.state.out_of_sync``); the new outer step, or None when nothing changed."""
+        reason = None
+        if self.rank == 0 and self.peer is not None and not self.stop:
+            from p2p_trainer.swarm import SwarmError
+            from p2p_trainer.swarm.state import out_of_sync
+
+            try:
+                records = self.peer.swarm_records()
+                reason = out_of_sync(records, self.peer.peer_id, outer_step, self.params_sha256,
+                                     check_hash=True)
+            except (SwarmError, TimeoutError) as e:
+                logger.warning("could not read the swarm's progress: %s", e)
+            if self.resumed_step is not None:
+                where = f"{reason}: downloading the swarm's state" if reason else "the swarm is not ahead"
+                logger.info("resumed from the local checkpoint of outer step %d; %s", self.resumed_step,
+                            where)
+                self.resumed_step = None
+            elif reason:
+                logger.warning("out of sync with the swarm: %s; downloading its state", reason)
+        if not self._broadcast_int(int(reason is not None)):
+            return None
+        download = None
+        if self.rank == 0:
+            download = self.peer.download_state(
+                numel=self.n_params, want_inner=self.cfg.swarm.download_inner_state and self.world == 1,
+                progress=self.cfg.log.progress_bar,
+            )
+            if download is None:
+                logger.warning("no state downloaded: this peer trains on its own θ and tries again later")
+        if not self._broadcast_int(int(download is not None)):
+            return None
+        return self._adopt(download)
+
+    def _adopt(self, download) -> int:
+        """Make a downloaded state ours (all ranks): θ, outer momentum and step, schedule position."""
+        state = download.state if download is not None else None
+        if self.rank == 0:
+            self.diloco.load_state_dict(
+                {"master": state.master, "momentum": state.momentum, "outer_step": state.outer_step}
+            )
+            self.params_sha256 = self.diloco.sha256()
+        self.inner.import_params(self.diloco.master.detach() if self.diloco else None)
+        outer_step = self._broadcast_int(state.outer_step if state else 0)
+        inner_step = self._broadcast_int(state.inner_step if state else 0)
+        self.inner.step_count = inner_step
+        if state is not None and state.inner_optimizer is not None and self.world == 1:
+            try:
+                self.inner.load_state_dict({"optimizer": state.inner_optimizer, "step": inner_step})
+            except (ValueError, KeyError, RuntimeError) as e:
+                logger.warning("the donor's inner optimizer state does not fit (%s): keeping ours", e)
+        self.catching_up = True
+        if self.rank == 0:
+            self.metrics.write("state_download", outer_step=outer_step, donor=download.donor,
+                               params_sha256=self.params_sha256, bytes=download.nbytes,
+                               seconds=download.seconds, inner_step=inner_step,
+                               inner_optimizer=state.inner_optimizer is not None, failures=download.failures)
+            self._publish_state(outer_step)
+            self.peer.publish_progress(outer_step=outer_step, tokens=0, tokens_per_s=0.0, loss=None,
+                                       params_sha256=self.params_sha256)
+        return outer_step
+
+    def _publish_state(self, outer_step: int) -> None:
+        """Serve θ as of this outer step to peers that join or catch up (a snapshot: training goes on)."""
+        if self.rank != 0 or self.peer is None or not self.params_sha256:
+            return
+        from p2p_trainer.swarm.state import TrainingState
+
+        diloco = self.diloco.state_dict()  # copies
+        inner = None
+        if self.cfg.swarm.download_inner_state and self.world == 1:
+            inner = copy.deepcopy(self.inner.optimizer.state_dict())
+        self.peer.publish_state(TrainingState(outer_step, self.params_sha256, diloco["master"],
+                                              diloco["momentum"], self.inner.step_count, inner))
 
     def _inner_round(self, outer_step: int, bar: tqdm) -> RoundStats:
         stats = RoundStats(started=time.perf_counter())
@@ -170,11 +279,15 @@ class Trainer:
                 new_params = self.diloco.apply(result.average)
                 record = {"group_size": result.group_size, "allreduce_s": result.allreduce_s,
                           "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
-                          "wait_s": result.wait_s, "excluded": result.excluded}
+                          "wait_s": result.wait_s, "excluded": result.excluded,
+                          "total_weight": result.total_weight, "members": result.members,
+                          "group_id": result.group_id}
             else:
-                logger.warning("round %d failed: θ kept as it was; local progress carries into the next round",
-                               outer_step)
-                record = {"allreduce_s": time.perf_counter() - t0}
+                logger.warning("round %d failed: θ kept as it was; local progress carries into the next "
+                               "round", outer_step)
+                self.metrics.write("round_failed", outer_step=outer_step, reason=self.peer.last_error,
+                                   allreduce_s=time.perf_counter() - t0)
+        self.catching_up = False
         ok = self._broadcast_int(int(new_params is not None))
         if not ok:
             return outer_step
@@ -182,8 +295,11 @@ class Trainer:
         outer_step += 1
         if self.rank == 0:
             sha = self.params_sha256 = self.diloco.sha256()
+            finite = bool(torch.isfinite(self.diloco.master).all())
             self.metrics.write("outer_step", outer_step=outer_step, loss=stats.loss_sum / max(1, stats.steps),
-                               tokens=stats.tokens, inner_steps=stats.steps, params_sha256=sha, **record)
+                               tokens=stats.tokens, inner_steps=stats.steps, params_sha256=sha,
+                               params_finite=finite, **record)
+            self._publish_state(outer_step)
             self.peer.publish_progress(outer_step=outer_step, tokens=0, tokens_per_s=stats.tokens_per_s(),
                                        loss=stats.loss_sum / max(1, stats.steps), params_sha256=sha)
         if self.cfg.log.eval_every and outer_step % self.cfg.log.eval_every == 0:
@@ -225,6 +341,7 @@ class Trainer:
         if state.get("inner") is not None and self.world == 1:
             self.inner.load_state_dict(state["inner"])
         self.data.load_state_dict(state["data"])
+        self.resumed_step = int(state["outer_step"])
         logger.info("resumed from %s (outer step %d)", path, state["outer_step"])
 
     def close(self) -> None:

@@ -14,10 +14,11 @@ Per chunk of ``n`` values ``x`` (``1 <= n <= chunk_size``; only the last chunk i
    ``std = sqrt(var)``.
 2. Range: ``lo = mean - 6 * std``, ``scale = 256 / (12 * std)``. A constant chunk (``std == 0``) uses
    ``lo = x0``, ``scale = 0``, which puts every value in bucket 0.
-3. Code: if ``float_codes(lo, scale)`` (the usual case), ``t = (x - float(lo)) * float(scale)`` in fp32,
-   else ``t = (double(x) - lo) * scale`` in double; ``t`` is clamped to ``[0, 255]`` and truncated to
-   ``uint8``. fp32 doubles the SIMD width; its rounding (<= 1 ulp of ``|x|``) is no coarser than the
-   fp32 input itself, and the double branch keeps tiny or near-overflow chunks away from fp32 limits.
+3. Code: if ``float_codes(lo, scale)`` (``2^-100 <= scale <= 2^100`` and ``|lo| <= 2^100``, the usual
+   case), ``t = (x - float(lo)) * float(scale)`` in fp32, else ``t = (double(x) - lo) * scale`` in
+   double; ``t`` is clamped to ``[0, 255]`` and truncated to ``uint8``. fp32 doubles the SIMD width and
+   its rounding (about one fp32 ulp of ``x`` and ``lo``) is no coarser than the fp32 data itself; the
+   double branch keeps tiny (subnormal) or near-overflow chunks away from the fp32 limits.
 4. Codebook (fp32): bucket ``k`` holding values gets ``float(sum / count)`` with the sum taken in double
    (summation order is free, so the two implementations agree to ~1 ulp, not bit for bit); an empty
    bucket gets its midpoint ``lo + (k + 0.5) / scale`` clamped to the fp32 range; a constant chunk gets

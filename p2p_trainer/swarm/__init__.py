@@ -1,13 +1,16 @@
-"""The swarm layer: DHT join and identity, progress records, matchmaking, the all-reduce, and the
-``SwarmPeer`` facade that is all ``run.py`` uses."""
+"""The swarm layer: DHT join and identity, progress records, matchmaking, the all-reduce, serving
+and downloading the training state, and the ``SwarmPeer`` facade that is all ``run.py`` uses."""
 
 from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
 from p2p_trainer.swarm.errors import MultiaddrError, RoundFailed, SwarmError
-from p2p_trainer.swarm.peer import RoundResult, SwarmPeer
+from p2p_trainer.swarm.peer import Interrupted, RoundResult, SwarmPeer
 from p2p_trainer.swarm.progress import ProgressRecord, swarm_outer_step
+from p2p_trainer.swarm.state import Download, TrainingState
 
 __all__ = [
+    "Download",
     "Fault",
+    "Interrupted",
     "MultiaddrError",
     "OutgoingPart",
     "ProgressRecord",
@@ -15,5 +18,6 @@ __all__ = [
     "RoundResult",
     "SwarmError",
     "SwarmPeer",
+    "TrainingState",
     "swarm_outer_step",
 ]

@@ -7,7 +7,13 @@ Reducer i validates each part (weight, size, decodable, finite), accumulates the
 in group order (Σ w_j x_j / Σ w_j), encodes the result once and sends those same bytes to every
 member; it decodes its own copy of the slice from those bytes too. With a lossy codec every member
 therefore ends with exactly the same vector. A member whose part is invalid or late is left out of
-that slice (and told so); a reducer that fails makes the round fail for everyone who needs it.
+that slice (and told so).
+
+A reducer that is gone (its stream breaks, or it sends nothing within the reply timeout: a crashed
+peer) is left out too: the next live reducer in group order takes its slice over. A backup that
+already holds the lost reducer's average for that slice hands out those very bytes; otherwise it
+reduces the slice afresh from the survivors' parts. A takeover needs two live members; with fewer
+(or when a reducer answers with an error) the round fails for everyone who needs that slice.
 """
 
 from __future__ import annotations
@@ -128,6 +134,25 @@ class _Round:
     group: Group
     traffic: wire.Traffic = field(default_factory=wire.Traffic)
     reduction: _SliceReduction | None = None
+    bounds: list[tuple[int, int]] = field(default_factory=list)
+    lost: dict[str, str] = field(default_factory=dict)  # reducers found gone -> why
+    takeovers: dict[int, _SliceReduction] = field(default_factory=dict)  # slices of lost reducers we reduce
+    # per slice: the (header, payload) the slice's reducer sent us, None once it was found gone
+    outcomes: dict[int, asyncio.Future] = field(default_factory=dict)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def outcome(self, index: int) -> asyncio.Future:
+        if index not in self.outcomes:
+            self.outcomes[index] = asyncio.get_running_loop().create_future()
+        return self.outcomes[index]
+
+    def settle(self, index: int, value: Any) -> None:
+        if not self.outcome(index).done():
+            self.outcomes[index].set_result(value)
+
+
+class _ReducerLost(Exception):
+    """The reducer of a slice is gone: its stream broke or no answer came in time."""
 
 
 class AllReducer:
@@ -167,7 +192,7 @@ class AllReducer:
     async def run(self, group: Group, vector: torch.Tensor, weight: float) -> ReduceOutcome:
         reducers = group.reducers
         bounds = slice_bounds(group.numel, len(reducers))
-        state = _Round(group)
+        state = _Round(group, bounds=bounds)
         if self.peer_id in reducers:
             index = reducers.index(self.peer_id)
             state.reduction = _SliceReduction(group, index, bounds[index], self.timeout, self.max_weight)
@@ -182,6 +207,8 @@ class AllReducer:
         replies = await asyncio.gather(*contributions, return_exceptions=True)
         if state.reduction is not None:
             await reducing  # the others need our slice even if our own contribution failed
+        for index in range(len(reducers)):  # nobody waits on these after a failure
+            state.settle(index, ("failed", "this peer's round ended"))
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply if isinstance(reply, RoundFailed) else RoundFailed(repr(reply))
@@ -198,6 +225,7 @@ class AllReducer:
                 raise RoundFailed(f"reducer {reducer} sent a malformed average: {e}") from None
             excluded.update({str(k): str(v) for k, v in dict(header.get("excluded", {})).items()})
             totals.append(float(header.get("total_weight", math.nan)))
+        excluded.update({peer: f"it is gone ({why})" for peer, why in state.lost.items()})
         return ReduceOutcome(average, min(totals), excluded, state.traffic)
 
     async def _contribute(
@@ -222,21 +250,95 @@ class AllReducer:
             header, out = await asyncio.shield(reduction.result)
         else:
             try:
-                header, out = await asyncio.wait_for(
-                    self._exchange(state, reducer, part), self._reply_timeout
-                )
-            except asyncio.TimeoutError:
-                raise RoundFailed(
-                    f"round {step}: reducer {reducer} of slice {index} sent no average in time"
-                ) from None
-            except Exception as e:  # unreachable, reset, malformed answer
-                raise RoundFailed(f"round {step}: reducer {reducer} of slice {index} failed: {e!r}") from None
+                header, out = await self._send(state, reducer, part, takeover=False)
+            except _ReducerLost as e:
+                self._mark_lost(state, reducer, str(e))
+                state.settle(index, None)
+                return await self._take_over(state, index, part)
+            except RoundFailed:
+                state.settle(index, ("failed", "no average"))
+                raise
         if "error" in header:
+            state.settle(index, ("failed", str(header["error"])))
             raise RoundFailed(f"round {step}: reducer {reducer} of slice {index}: {header['error']}")
+        state.settle(index, (header, out))
+        return header, out
+
+    async def _send(
+        self, state: _Round, reducer: str, part: OutgoingPart, *, takeover: bool
+    ) -> tuple[dict[str, Any], wire.Payload]:
+        step, index = state.group.outer_step, part.slice_index
+        try:
+            return await asyncio.wait_for(self._exchange(state, reducer, part, takeover), self._reply_timeout)
+        except asyncio.TimeoutError:
+            raise _ReducerLost(f"no average within {self._reply_timeout:g}s") from None
+        except wire.FrameError as e:  # it answered, but not in the protocol: hostile or broken, not gone
+            raise RoundFailed(f"round {step}: reducer {reducer} of slice {index} failed: {e!r}") from None
+        except Exception as e:  # unreachable, reset, closed: the peer is gone
+            raise _ReducerLost(f"{type(e).__name__}: {e}".strip().rstrip(":")) from None
+
+    def _mark_lost(self, state: _Round, peer_id: str, why: str) -> None:
+        """``peer_id`` will send nothing more this round: stop waiting for its parts."""
+        if peer_id in state.lost:
+            return
+        state.lost[peer_id] = why
+        for reduction in [state.reduction, *state.takeovers.values()]:
+            if reduction is not None:
+                reduction.exclude(peer_id, f"it is gone ({why})")
+
+    def _backup(self, state: _Round, index: int) -> str | None:
+        """The reducer that takes slice ``index`` over: the next live one in group order."""
+        reducers = state.group.reducers
+        for k in range(1, len(reducers)):
+            candidate = reducers[(index + k) % len(reducers)]
+            if candidate not in state.lost:
+                return candidate
+        return None
+
+    def _takeover_reduction(self, state: _Round, index: int) -> _SliceReduction:
+        if index not in state.takeovers:
+            reduction = _SliceReduction(
+                state.group, index, state.bounds[index], self.timeout, self.max_weight
+            )
+            state.takeovers[index] = reduction
+            for peer_id, why in state.lost.items():
+                reduction.exclude(peer_id, f"it is gone ({why})")
+            state.tasks.append(asyncio.create_task(self._reduce(reduction)))
+        return state.takeovers[index]
+
+    async def _take_over(
+        self, state: _Round, index: int, part: OutgoingPart
+    ) -> tuple[dict[str, Any], wire.Payload]:
+        """Our part of slice ``index``, whose reducer is gone, goes to the next live reducer instead."""
+        step, lost = state.group.outer_step, state.group.reducers[index]
+        while True:
+            alive = [m.peer_id for m in state.group.members if m.peer_id not in state.lost]
+            backup = self._backup(state, index)
+            if backup is None or len(alive) < 2:
+                raise RoundFailed(
+                    f"round {step}: reducer {lost} of slice {index} is gone ({state.lost[lost]}) and "
+                    f"too few members are left to take it over ({', '.join(alive) or 'none'})"
+                )
+            logger.warning(
+                f"round {step}: reducer {lost} of slice {index} is gone ({state.lost[lost]}); "
+                f"{backup} takes the slice over"
+            )
+            if backup == self.peer_id:
+                reduction = self._takeover_reduction(state, index)
+                await self._submit(reduction, self.peer_id, part.weight, part.values.numel(), part.payload)
+                header, out = await asyncio.shield(reduction.result)
+                break
+            try:
+                header, out = await self._send(state, backup, part, takeover=True)
+                break
+            except _ReducerLost as e:
+                self._mark_lost(state, backup, str(e))
+        if "error" in header:
+            raise RoundFailed(f"round {step}: backup reducer of slice {index}: {header['error']}")
         return header, out
 
     async def _exchange(
-        self, state: _Round, reducer: str, part: OutgoingPart
+        self, state: _Round, reducer: str, part: OutgoingPart, takeover: bool = False
     ) -> tuple[dict[str, Any], wire.Payload]:
         _, reader, writer = await self._p2p.call_binary_stream_handler(
             PeerID.from_base58(reducer), self._handler
@@ -248,6 +350,7 @@ class AllReducer:
                 "slice": part.slice_index,
                 "weight": part.weight,
                 "numel": part.values.numel(),
+                "takeover": takeover,
             }
             await wire.send_json(writer, header, state.traffic)
             await wire.send_frame(writer, part.payload, state.traffic)
@@ -277,6 +380,8 @@ class AllReducer:
                 return await wire.send_json(writer, {"error": "unknown group"}, traffic)
             state.traffic.received += traffic.received
             traffic = state.traffic  # count this stream in the round's traffic from now on
+            if header.get("takeover"):
+                return await self._serve_takeover(state, sender, header, reader, writer, traffic)
             reduction = state.reduction
             if reduction is None or header.get("slice") != reduction.index:
                 return await wire.send_json(
@@ -312,6 +417,43 @@ class AllReducer:
             logger.exception(f"failed to serve a part from {sender}")
         finally:
             await wire.close(writer)
+
+    async def _serve_takeover(
+        self,
+        state: _Round,
+        sender: str,
+        header: dict[str, Any],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        traffic: wire.Traffic,
+    ) -> None:
+        """``sender`` found the reducer of a slice gone and asks us, its backup, for that slice."""
+        index, reducers = header.get("slice"), state.group.reducers
+        if not isinstance(index, int) or not 0 <= index < len(reducers) or reducers[index] == self.peer_id:
+            return await wire.send_json(writer, {"error": f"no slice {index!r} to take over here"}, traffic)
+        if self.peer_id not in reducers or state.group.member(sender) is None:
+            return await wire.send_json(writer, {"error": "not a member of this group"}, traffic)
+        if header.get("group_digest") != state.group.digest:
+            return await wire.send_json(
+                writer, {"error": "member lists differ: the leader sent two"}, traffic
+            )
+        lo, hi = state.bounds[index]
+        payload = await asyncio.wait_for(
+            wire.recv_frame(reader, self._max_payload(hi - lo), traffic), self.timeout
+        )
+        # what our own exchange with that reducer gave: its average (everyone must get those same bytes)
+        outcome = await asyncio.wait_for(asyncio.shield(state.outcome(index)), self._reply_timeout)
+        if outcome is None:  # gone for us too: we reduce the slice from the survivors' parts
+            self._mark_lost(state, reducers[index], f"{sender} and this peer found it gone")
+            reduction = self._takeover_reduction(state, index)
+            await self._submit(reduction, sender, header.get("weight"), header.get("numel"), payload)
+            reply, out = await asyncio.shield(reduction.result)
+        elif isinstance(outcome[0], dict):
+            reply, out = outcome
+        else:
+            reply, out = {"error": f"slice {index} failed here too ({outcome[1]})"}, b""
+        await wire.send_json(writer, reply, traffic)
+        await wire.send_frame(writer, out, traffic)
 
     async def _submit(
         self, reduction: _SliceReduction, sender: str, weight: Any, numel: Any, payload: wire.Payload

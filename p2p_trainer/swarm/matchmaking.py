@@ -225,7 +225,7 @@ class Matchmaker:
         if bad:
             logger.warning(f"round {step}: refusing {member.peer_id} in the group: {bad}")
             return {"error": f"the leader refused this peer: {bad}"}
-        lobby = self._lobbies.get(step)
+        lobby = self._reusable_lobby(step, member)
         if lobby is None:
             mine = self._board.mine
             if mine is not None and mine.outer_step > step:
@@ -233,7 +233,7 @@ class Matchmaker:
             leader = self._choose_leader(await self._board.read(max_age=0.5), step, skipped)
             if leader != self.peer_id:
                 return {"redirect": leader}
-            lobby = self._lobbies.get(step) or self._open_lobby(step, numel)
+            lobby = self._reusable_lobby(step, member) or self._open_lobby(step, numel)
         if lobby.outcome.done():
             return self._late_reply(lobby, member)
         if numel != lobby.numel:
@@ -242,6 +242,15 @@ class Matchmaker:
         lobby.skipped |= skipped
         lobby.changed.set()
         return self._late_reply(lobby, member, await asyncio.shield(lobby.outcome))
+
+    def _reusable_lobby(self, step: int, member: Member) -> _Lobby | None:
+        """This step's lobby, unless it is closed and ``member`` was in it: then the round failed for
+        that member (a partner vanished, too few joined, ...) and it asks again, so a new lobby opens
+        (answering with the old group would repeat the failed round forever)."""
+        lobby = self._lobbies.get(step)
+        if lobby is not None and lobby.outcome.done() and member.peer_id in lobby.joined:
+            return None
+        return lobby
 
     def _late_reply(
         self, lobby: _Lobby, member: Member, outcome: dict[str, Any] | None = None

@@ -12,9 +12,12 @@ import concurrent.futures
 import logging
 import math
 import os
+import random
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import hivemind
 import torch
@@ -31,8 +34,30 @@ from p2p_trainer.swarm.identity import check_announce_maddrs, check_multiaddrs, 
 from p2p_trainer.swarm.loop import LoopThread
 from p2p_trainer.swarm.matchmaking import Matchmaker
 from p2p_trainer.swarm.progress import ProgressBoard, ProgressRecord, make_validators, swarm_outer_step
+from p2p_trainer.swarm.state import (
+    DonorFailed,
+    Download,
+    StateServer,
+    TrainingState,
+    donors,
+    fetch,
+    params_sha256,
+)
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_LEAVE_GRACE_S = 3.0  # a peer asked to leave during an all-reduce gives the round this long to finish
+_DOWNLOAD_PASSES = 3  # rounds of asking every donor before a download gives up
+
+
+class Interrupted(SwarmError):
+    """``interrupt()`` was called (SIGINT/SIGTERM): the blocking call was abandoned."""
+
+
+def _finished_round(record: ProgressRecord) -> bool:
+    """Its owner stopped training its round and waits in matchmaking (see ``all_reduce``'s record)."""
+    return record.tokens > 0 and record.tokens_per_s == 0.0
 
 
 @dataclass
@@ -47,6 +72,7 @@ class RoundResult:
     excluded: list[str]  # peer ids left out of at least one slice
     reasons: dict[str, str] = field(default_factory=dict)  # why each was left out
     members: list[str] = field(default_factory=list)  # the group in its agreed (accumulation) order
+    group_id: str = ""  # the same on every member of the group
 
 
 class SwarmPeer:
@@ -69,7 +95,10 @@ class SwarmPeer:
         self._loop: LoopThread | None = None
         self._board: ProgressBoard | None = None
         self._p2p: P2P | None = None
+        self._state_server: StateServer | None = None
         self._refresh_asked = -math.inf
+        self._interrupted_at: float | None = None
+        self.last_error = ""  # why the last all_reduce returned None
         initial_peers = check_multiaddrs(cfg.initial_peers, "swarm.initial_peers", need_peer_id=True)
         host_maddrs = check_multiaddrs(cfg.host_maddrs, "swarm.host_maddrs")
         announce_maddrs = check_announce_maddrs(cfg.announce_maddrs)
@@ -141,6 +170,9 @@ class SwarmPeer:
         )
         await self._matchmaker.start()
         await self._allreducer.start()
+        if not cfg.client_mode:  # a client accepts no incoming streams, so it cannot serve its state
+            self._state_server = StateServer(p2p, cfg.run_id)
+            await self._state_server.start()
         self._heartbeat = self._loop.loop.create_task(self._board.heartbeat())
         try:
             return [str(m) for m in await p2p.get_visible_maddrs()]
@@ -181,7 +213,7 @@ class SwarmPeer:
 
     def swarm_records(self) -> dict[str, ProgressRecord]:
         """The live progress records of this run, freshly read (blocks for a DHT lookup)."""
-        return self._loop.run(self._board.read(max_age=0.0), timeout=30.0)
+        return self._wait(self._board.read(max_age=0.0), timeout=30.0)
 
     def swarm_outer_step(self) -> int | None:
         return swarm_outer_step(self.swarm_records())
@@ -199,11 +231,7 @@ class SwarmPeer:
             return False  # fixed-H mode: the caller counts its own steps
         if local_tokens >= target:
             return True
-        records, read_at = self._board.snapshot()
-        if time.monotonic() - max(read_at, self._refresh_asked) > 0.5:
-            self._refresh_asked = time.monotonic()
-            self._loop.loop.call_soon_threadsafe(self._board.refresh)
-        others = {pid: r for pid, r in records.items() if pid != self.peer_id}
+        others = self._recent_others()
         ahead = swarm_outer_step(others)
         if ahead is not None and ahead > outer_step:
             return True  # most of the swarm already closed this round: we are late
@@ -212,6 +240,170 @@ class SwarmPeer:
             if r.outer_step == outer_step:
                 total += r.tokens + r.tokens_per_s * min(max(now - r.time, 0.0), self._board.ttl)
         return total >= target
+
+    def round_is_late(self, *, outer_step: int, catching_up: bool) -> bool:
+        """Never blocks. True when this peer should end its round before its H steps: the swarm
+        already moved past ``outer_step`` (it will catch up by downloading), or, while it is catching
+        up after a download, every other live peer at this step finished training it and waits."""
+        others = self._recent_others()
+        ahead = swarm_outer_step(others)
+        if ahead is not None and ahead > outer_step:
+            return True
+        if catching_up:
+            at_step = [r for r in others.values() if r.outer_step == outer_step]
+            return bool(at_step) and all(_finished_round(r) for r in at_step)
+        return False
+
+    def _recent_others(self) -> dict[str, ProgressRecord]:
+        """Other peers' records at most ~0.5 s old, without waiting: asks the loop for a fresher read."""
+        records, read_at = self._board.snapshot()
+        if time.monotonic() - max(read_at, self._refresh_asked) > 0.5:
+            self._refresh_asked = time.monotonic()
+            self._loop.loop.call_soon_threadsafe(self._board.refresh)
+        return {pid: r for pid, r in records.items() if pid != self.peer_id}
+
+    # ---- the state: serving it, downloading it ----
+    def publish_state(self, state: TrainingState) -> None:
+        """Serve ``state`` (taken at our last outer step, never modified later) to peers that join or
+        catch up. Cheap and non-blocking: serialization happens on first request, off this thread."""
+        if self._state_server is not None and not self._closed:
+            self._state_server.publish(state)
+
+    def download_state(
+        self, *, numel: int, want_inner: bool, progress: bool = False, rng: random.Random | None = None
+    ) -> Download | None:
+        """Blocking: fetch the state of the swarm's outer step (the median of the other peers') from
+        a random donor at that step, and check θ against the hash most live records published for
+        it. A mismatch, refusal or failure moves on to another donor. None when there is nothing to
+        download or no donor gave a good state (the caller keeps its own)."""
+        if self._closed:
+            return None
+        try:
+            return self._wait(self._download(numel, want_inner, progress, rng or random.Random()), None)
+        except (Interrupted, concurrent.futures.CancelledError):
+            logger.warning("state download abandoned: this peer is shutting down")
+            return None
+
+    async def _download(
+        self, numel: int, want_inner: bool, progress: bool, rng: random.Random
+    ) -> Download | None:
+        failures: list[str] = []
+        loop = asyncio.get_running_loop()
+        for attempt in range(_DOWNLOAD_PASSES):
+            if attempt:
+                await asyncio.sleep(1.0)
+            records = await self._board.read(max_age=0.0)
+            step, sha, candidates = donors(records, self.peer_id, rng)
+            if not candidates:
+                failures.append(
+                    "no full peer holds the swarm's agreed state" if step >= 0 else "no other peer"
+                )
+                continue
+            await self._announce_joining(step)
+            holders = sum(
+                1
+                for pid, r in records.items()
+                if pid != self.peer_id and r.outer_step == step and r.params_sha256 == sha
+            )
+            for donor in candidates:
+                started = time.monotonic()
+                bar = None
+                if progress:
+                    from tqdm import tqdm
+
+                    bar = tqdm(desc=f"state of outer step {step}", unit="B", unit_scale=True, leave=False)
+
+                def show(got: int, total: int, bar: Any = bar) -> None:
+                    if bar is not None:
+                        bar.total = total
+                        bar.update(got - bar.n)
+
+                try:
+                    got, nbytes = await asyncio.wait_for(
+                        fetch(
+                            self._p2p,
+                            self.cfg.run_id,
+                            donor,
+                            step,
+                            numel=numel,
+                            want_inner=want_inner,
+                            progress=show,
+                        ),
+                        self.cfg.state_timeout,
+                    )
+                    actual = await loop.run_in_executor(None, params_sha256, got.master)
+                    if actual != sha:
+                        raise DonorFailed(
+                            f"its θ hashes to {actual[:12]}, but {holders} live peer(s) published {sha[:12]} "
+                            f"for outer step {step}"
+                        )
+                except asyncio.TimeoutError:
+                    failures.append(f"{donor}: no state within state_timeout={self.cfg.state_timeout:g}s")
+                    logger.warning(f"state download from {donor}: {failures[-1]}; trying another donor")
+                    continue
+                except DonorFailed as e:
+                    failures.append(f"{donor}: {e}")
+                    logger.warning(f"state download from {donor} failed: {e}; trying another donor")
+                    continue
+                finally:
+                    if bar is not None:
+                        bar.close()
+                seconds = time.monotonic() - started
+                logger.info(
+                    f"downloaded the state of outer step {step} from {donor} ({nbytes / 2**20:.1f} MiB in "
+                    f"{seconds:.1f}s); θ matches the hash {sha[:12]} that {holders} live peer(s) published"
+                )
+                return Download(got, donor, nbytes, seconds, failures)
+        logger.warning(f"could not download the swarm's state: {'; '.join(failures[-4:])}")
+        return None
+
+    async def _announce_joining(self, step: int) -> None:
+        """Tell the swarm we are coming to round ``step`` before we download it, so its leader waits
+        for us instead of closing the group while our state is still on the wire. The empty hash
+        is no vote on θ, and our next real record supersedes this one if the download fails."""
+        mine = self._board.mine
+        if mine is None or mine.outer_step < step:
+            record = ProgressRecord(
+                peer_id=self.peer_id,
+                outer_step=step,
+                tokens=0,
+                tokens_per_s=0.0,
+                loss=None,
+                params_sha256="",
+                client_mode=self.cfg.client_mode,
+                time=get_dht_time(),
+            )
+            await self._board.publish_now(record)
+
+    # ---- leaving in the middle of a blocking call ----
+    def interrupt(self) -> None:
+        """Safe from a signal handler: blocking calls in progress (and later ones) give up soon.
+        Matchmaking and downloads stop at once; an all-reduce gets a few seconds to finish, so the
+        others keep their round if it was nearly done."""
+        if self._interrupted_at is None:
+            self._interrupted_at = time.monotonic()
+
+    def _wait(self, coro: Coroutine[Any, Any, T], timeout: float | None, grace: float = 0.0) -> T:
+        """Run ``coro`` on the loop and wait for it; cancel it on timeout (TimeoutError) or
+        ``grace`` seconds after ``interrupt()`` (Interrupted)."""
+        if self._interrupted_at is not None and grace == 0.0:
+            coro.close()
+            raise Interrupted("this peer is shutting down")
+        future = self._loop.submit(coro)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if future.done():
+                    raise  # the coroutine itself raised TimeoutError
+            now = time.monotonic()
+            if self._interrupted_at is not None and now >= self._interrupted_at + grace:
+                future.cancel()
+                raise Interrupted("this peer is shutting down")
+            if now >= deadline:
+                future.cancel()
+                raise TimeoutError(f"swarm operation did not finish within {timeout:.1f}s")
 
     # ---- the round ----
     def all_reduce(self, *, outer_step: int, vector: torch.Tensor, weight: float) -> RoundResult | None:
@@ -223,9 +415,11 @@ class SwarmPeer:
             raise TypeError("all_reduce needs a CPU tensor")
         if not math.isfinite(weight):
             raise ValueError(f"all_reduce weight must be finite, got {weight!r}")
-        if self._closed:
-            logger.warning(f"round {outer_step} skipped: this peer has shut down")
+        if self._closed or self._interrupted_at is not None:
+            self.last_error = "this peer is shutting down"
+            logger.warning(f"round {outer_step} skipped: this peer is shutting down")
             return None
+        self.last_error = ""
         started = time.monotonic()
         mine = self._board.mine
         final = ProgressRecord(  # our exact tokens for this round; we stopped training it
@@ -240,7 +434,8 @@ class SwarmPeer:
         )
         cfg = self.cfg
         try:
-            group = self._loop.run(
+            logger.info(f"round {outer_step}: looking for a group")
+            group = self._wait(
                 self._publish_and_match(final, outer_step, float(weight), vector.numel()),
                 timeout=cfg.matchmaking_timeout + 30.0,
             )
@@ -248,16 +443,32 @@ class SwarmPeer:
             if len(group.members) == 1:
                 logger.info(f"round {outer_step}: alone in the group; the average is our own vector")
                 return RoundResult(
-                    vector.clone(), 1, float(weight), 0, 0, 0.0, wait_s, [], {}, [self.peer_id]
+                    vector.clone(),
+                    1,
+                    float(weight),
+                    0,
+                    0,
+                    0.0,
+                    wait_s,
+                    [],
+                    {},
+                    [self.peer_id],
+                    group.group_id,
                 )
+            logger.info(f"round {outer_step}: all-reduce in group {group.group_id} of {len(group.members)}")
             reduce_started = time.monotonic()
-            outcome = self._loop.run(
-                self._allreducer.run(group, vector, float(weight)), timeout=3 * cfg.allreduce_timeout + 30.0
+            # a lost reducer costs up to two reply timeouts (its own, then its backup's)
+            outcome = self._wait(
+                self._allreducer.run(group, vector, float(weight)),
+                timeout=4 * cfg.allreduce_timeout + 30.0,
+                grace=_LEAVE_GRACE_S,
             )
         except (RoundFailed, TimeoutError) as e:
+            self.last_error = str(e)
             logger.warning(f"round {outer_step} failed, keeping parameters unchanged: {e}")
             return None
-        except concurrent.futures.CancelledError:  # shutdown() was called while the round ran
+        except (Interrupted, concurrent.futures.CancelledError):  # interrupt() or shutdown() during the round
+            self.last_error = "this peer is shutting down"
             logger.warning(f"round {outer_step} abandoned: this peer is shutting down")
             return None
         return RoundResult(
@@ -271,6 +482,7 @@ class SwarmPeer:
             excluded=sorted(outcome.excluded),
             reasons=outcome.excluded,
             members=[m.peer_id for m in group.members],
+            group_id=group.group_id,
         )
 
     async def _publish_and_match(self, final: ProgressRecord, step: int, weight: float, numel: int):

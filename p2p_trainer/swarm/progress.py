@@ -18,7 +18,7 @@ import re
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 import hivemind
@@ -45,6 +45,8 @@ class _ProgressModel(pv1.BaseModel):
     params_sha256: pv1.constr(regex=r"^([0-9a-f]{64})?$", strict=True)
     client_mode: pv1.StrictBool
     time: pv1.StrictFloat
+    last_round_tokens: pv1.conint(ge=0, strict=True) = 0
+    last_round_loss: Optional[pv1.StrictFloat] = None
 
     class Config:
         extra = pv1.Extra.forbid
@@ -65,20 +67,29 @@ class ProgressRecord:
     params_sha256: str  # hash of θ after the last outer step, "" if none yet
     client_mode: bool
     time: float  # wall-clock (DHT) time of publication
+    # how this peer's last completed round ended (0 / None before its first); the board fills them in,
+    # `p2p-trainer status` turns them into a loss trend and the next round's ETA
+    last_round_tokens: int = 0
+    last_round_loss: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         wire["tokens_per_s"] = float(self.tokens_per_s) if math.isfinite(self.tokens_per_s) else 0.0
-        wire["loss"] = float(self.loss) if self.loss is not None and math.isfinite(self.loss) else None
+        for key in ("loss", "last_round_loss"):
+            value = wire[key]
+            wire[key] = float(value) if value is not None and math.isfinite(value) else None
         return wire
 
     @classmethod
     def from_wire(cls, value: Any) -> ProgressRecord:
         """Raise ValueError unless ``value`` matches the schema exactly (no type conversions)."""
         model = _ProgressModel.parse_obj(value)
-        if model.dict() != value:
+        if model.dict() != {**_OPTIONAL_ON_WIRE, **value}:
             raise ValueError("record needs type conversions")
         return cls(**model.dict())
+
+
+_OPTIONAL_ON_WIRE = {"last_round_tokens": 0, "last_round_loss": None}  # added later: older peers omit them
 
 
 def make_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
@@ -141,14 +152,25 @@ class ProgressBoard:
         expiration = get_dht_time() + self.ttl
         return bool(await self._dht.store(key, value, expiration, subkey=self._subkey, return_future=True))
 
+    def _with_last_round(self, record: ProgressRecord) -> ProgressRecord:
+        """Carry how our last completed round ended: our previous record's tokens and loss once the
+        outer step advances by one, the values carried so far while it stays (a jump, as after a
+        state download, leaves nothing to carry)."""
+        prev = self._mine
+        if prev is None or record.outer_step > prev.outer_step + 1:
+            return record
+        if record.outer_step == prev.outer_step + 1:
+            return replace(record, last_round_tokens=prev.tokens, last_round_loss=prev.loss)
+        return replace(record, last_round_tokens=prev.last_round_tokens, last_round_loss=prev.last_round_loss)
+
     def publish_soon(self, record: ProgressRecord) -> None:
         """Non-blocking: the newest record wins; at most one store is in flight."""
-        self._mine, self._dirty = record, True
+        self._mine, self._dirty = self._with_last_round(record), True
         if self._publisher is None or self._publisher.done():
             self._publisher = asyncio.create_task(self._publish_pending())
 
     async def publish_now(self, record: ProgressRecord) -> None:
-        self._mine, self._dirty = record, False
+        self._mine, self._dirty = self._with_last_round(record), False
         await self._store_mine()
 
     async def _publish_pending(self) -> None:

@@ -1,0 +1,94 @@
+"""Loopback all-reduce, one process per peer: our ``SwarmPeer.all_reduce`` (int8, fp32) against stock
+hivemind 1.1.12 ``DecentralizedAverager`` (no compression, fp16), 2 and 4 peers, in one run.
+
+    python -m bench.bench_allreduce [--numel 16777216] [--rounds 5] [--peers 2 4]
+
+For each group size both engines' peers are up at once (ours: one ``SwarmPeer`` per codec in each
+peer process; hivemind: one DHT and one averager per compression), and rounds of the four
+variants are interleaved, so a change in machine load hits them alike. Every round starts at one
+agreed wall-clock time on all peers; its time is the slowest peer's. Ours is timed from the
+``all_reduce`` call, matchmaking included; hivemind's matchmaking is finished before the start
+(``require_trigger``), so its time is the all-reduce alone. One warm-up round per variant is not
+counted. See ``bench/_procs.py`` for the peer processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench._procs import ENGINE_CODECS, loadavg, run_round, start_group, stop_all
+
+VARIANTS = [("hivemind", "none"), ("hivemind", "fp16"), ("ours", "int8"), ("ours", "fp32")]
+ANCHOR_NONE_S = {2: 0.74, 4: 2.15}  # anchors.md: stock hivemind, no compression, this kind of machine
+
+
+def measure(world: int, numel: int, rounds: int, workdir: Path, hosts: list[str] | None = None,
+            prefix: list[list[str]] | None = None) -> dict[tuple[str, str], list[list[dict]]]:
+    """{(engine, codec): [per-round list of per-peer answers]} for ``rounds`` timed rounds each."""
+    hosts = hosts or ["127.0.0.1"] * world
+    groups = {}
+    try:
+        for engine in ENGINE_CODECS:
+            groups[engine] = start_group(engine, world, numel, workdir, hosts=hosts, prefix=prefix or (),
+                                         run_id=f"bench{world}")
+        out: dict[tuple[str, str], list[list[dict]]] = {v: [] for v in VARIANTS}
+        for rnd in range(rounds + 1):
+            for engine, codec in VARIANTS:
+                answers = run_round(groups[engine], codec, rnd)
+                if rnd > 0:  # round 0 warms up connections, buffers, the native codec
+                    out[(engine, codec)].append(answers)
+        return out
+    finally:
+        for workers in groups.values():
+            stop_all(workers)
+
+
+def summarize(engine: str, codec: str, world: int, numel: int, answers: list[list[dict]]) -> dict:
+    times = [max(a["round_s"] for a in rnd) for rnd in answers]
+    row = {
+        "engine": "p2p-trainer" if engine == "ours" else "hivemind 1.1.12",
+        "codec": codec,
+        "peers": world,
+        "MB_per_peer": round(numel * 4 / 1e6),
+        "round_s_median": round(statistics.median(times), 3),
+        "round_s_min_max": f"{min(times):.3f}-{max(times):.3f}",
+        "rounds": len(times),
+    }
+    if engine == "ours":
+        reduce_only = [max(a["allreduce_s"] for a in r) for r in answers]
+        row["allreduce_only_s"] = round(statistics.median(reduce_only), 3)
+        row["MB_sent_per_peer"] = round(statistics.median(a["bytes_sent"] for a in answers[-1]) / 1e6, 1)
+    rank0 = [a for r in answers for a in r if "rel_err" in a]
+    row["rel_l2_err"] = f"{statistics.median(a['rel_err'] for a in rank0):.2e}" if rank0 else ""
+    row["replicas_identical"] = all(len({a["sha"] for a in r}) == 1 for r in answers)
+    return row
+
+
+def run(numel: int = 1 << 24, rounds: int = 5, peers: tuple[int, ...] = (2, 4)) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-allreduce-") as tmp:
+        for world in peers:
+            before = loadavg()
+            results = measure(world, numel, rounds, Path(tmp))
+            after = loadavg()
+            block = [summarize(e, c, world, numel, results[(e, c)]) for e, c in VARIANTS]
+            base = next(r for r in block if r["codec"] == "none")["round_s_median"]
+            for r in block:
+                r["speedup_vs_hivemind_none"] = round(base / r["round_s_median"], 2)
+                r["loadavg_before_after"] = f"{before} / {after}"
+            block[0]["anchor_s"] = ANCHOR_NONE_S.get(world, "")
+            rows += [{"bench": "allreduce", **r} for r in block]
+    return rows
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--numel", type=int, default=1 << 24)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--peers", type=int, nargs="+", default=[2, 4])
+    a = ap.parse_args()
+    for row in run(a.numel, a.rounds, tuple(a.peers)):
+        print(row)
