@@ -180,9 +180,11 @@ class _Ours:
 
     def prepare(self, codec: str, rnd: int, vector) -> None:
         peer = self.peers[codec]
-        peer.publish_progress(outer_step=rnd, tokens=1, tokens_per_s=0.0, loss=1.0, params_sha256="")
-        deadline = time.monotonic() + 60
+        deadline, published = time.monotonic() + 60, -1.0
         while True:
+            if time.monotonic() - published > 2.0:  # again now and then, should a store have been lost
+                peer.publish_progress(outer_step=rnd, tokens=1, tokens_per_s=0.0, loss=1.0, params_sha256="")
+                published = time.monotonic()
             records = peer.swarm_records()
             if sum(r.outer_step == rnd for r in records.values()) >= self.world:
                 return

@@ -335,7 +335,8 @@ def run_swarm(base: dict, work: Path, outer: tuple[float, float], h: int = 50, c
     out = {"curve": [(e["outer_step"] * h * K * 16 * 128, e["eval_loss"]) for e in evals],
            "final": evals[-1]["eval_loss"], "replicas_identical": len(hashes) == 1,
            "group_sizes": [r["group_size"] for r in outer_steps], "wall_s": round(time.time() - t0, 1)}
-    print(f"  [{time.strftime('%H:%M:%S')}] swarm: final {out['final']} ({out['wall_s']} s)", flush=True)
+    print(f"  [{time.strftime('%H:%M:%S')}] swarm: held-out loss {out['final']:.4f} ({out['wall_s']} s)",
+          flush=True)
     return out
 
 
@@ -360,26 +361,27 @@ def _row(method: str, out: dict, dp: float | None, **extra) -> dict:
     return row
 
 
-def plot(curves: dict[str, list], path: Path, title: str) -> None:
+def plot(main: dict[str, list], sweep: dict[str, list], path: Path, title: str) -> None:
+    """Left: the methods; right: DiLoCo's outer (lr, momentum) sweep, with data parallel for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, curve in curves.items():
-        xs, ys = zip(*curve, strict=True)
-        style = "--" if "sweep" in label else "-"
-        ax.plot([x / 1e6 for x in xs], ys, style, marker="o", ms=3, label=label,
-                alpha=0.5 if "sweep" in label else 1)
-    ax.set_xlabel("tokens since the shared warm start (millions, all workers together)")
-    ax.set_ylabel("held-out loss (nats per byte)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, curves in zip(axes, (main, sweep), strict=True):
+        for label, curve in curves.items():
+            xs, ys = zip(*curve, strict=True)
+            ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3, label=label)
+        ax.set_xlabel("tokens since the shared warm start (millions, all workers together)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out loss (nats per byte)")
+    axes[0].set_title(title, fontsize=9)
+    axes[1].set_title("DiLoCo outer lr / momentum sweep (fp32)", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -423,17 +425,19 @@ def run(budget: int = 200, warm: int = 400, quarter_seeds: tuple[int, ...] = (1,
     if swarm:
         res["swarm"] = run_swarm(base, work, chosen[hs[-1]], h=hs[-1])
     rows = _table(res, chosen, quarter_seeds, budget, warm, hs, sweep)
-    curves = {"data parallel, 4x batch": res["dp"]["curve"],
-              "one worker, 4x steps": res["single-4x"]["curve"],
-              "one worker, 1/4 tokens": res["single-quarter-s0"]["curve"]}
+    main = {"data parallel, 4x batch": res["dp"]["curve"], "one worker, 4x steps": res["single-4x"]["curve"],
+            "one worker, 1/4 tokens": res["single-quarter-s0"]["curve"]}
+    sweep_curves = {"data parallel, 4x batch": res["dp"]["curve"]}
     for h in hs:
         for lr, mom in sweep:
-            tag = "" if (lr, mom) == chosen[h] else " (sweep)"
-            curves[f"DiLoCo H={h} {lr}/{mom} fp32{tag}"] = res[f"diloco-H{h}-{lr}-{mom}-fp32"]["curve"]
-        curves[f"DiLoCo H={h} {chosen[h][0]}/{chosen[h][1]} int8"] = res[f"diloco-H{h}-int8"]["curve"]
+            sweep_curves[f"H={h} {lr}/{mom}"] = res[f"diloco-H{h}-{lr}-{mom}-fp32"]["curve"]
+        best_fp32 = res[f"diloco-H{h}-{chosen[h][0]}-{chosen[h][1]}-fp32"]["curve"]
+        main[f"DiLoCo H={h} {chosen[h][0]}/{chosen[h][1]} fp32"] = best_fp32
+        main[f"DiLoCo H={h} {chosen[h][0]}/{chosen[h][1]} int8"] = res[f"diloco-H{h}-int8"]["curve"]
     if swarm:
-        curves[f"DiLoCo H={hs[-1]} int8, real swarm"] = res["swarm"]["curve"]
-    plot(curves, PLOT, f"k={K}, {budget} steps/worker after a {warm}-step warm start (debug model)")
+        main[f"DiLoCo H={hs[-1]} int8, real swarm"] = res["swarm"]["curve"]
+    title = f"k={K}, {budget} steps/worker after a {warm}-step warm start (debug model)"
+    plot(main, sweep_curves, PLOT, title)
     print(f"  convergence: {time.time() - t_start:.0f} s; logs in {work}", flush=True)
     return rows
 

@@ -254,7 +254,7 @@ DEFAULT_GRID = [(100, 10, "int8"), (10, 10, "int8"), (10, 10, "fp32"), (2, 10, "
                 (10, 50, "int8"), (2, 50, "int8")]
 
 
-def run(numel: int = 1 << 22, rates: tuple = (None, 100), rounds: int = 5, peers: int = 2,
+def run(numel: int = 4_000_000, rates: tuple = (None, 100), rounds: int = 5, peers: int = 2,
         grid: list | None = None, skip_utilization: bool = False) -> list[dict]:
     why = check_root()
     if why:
@@ -278,7 +278,7 @@ def run(numel: int = 1 << 22, rates: tuple = (None, 100), rounds: int = 5, peers
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--numel", type=int, default=1 << 22)
+    ap.add_argument("--numel", type=int, default=4_000_000)
     ap.add_argument("--rates", type=float, nargs="+", default=[0, 100], help="Mbit/s; 0 = unlimited")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-utilization", action="store_true")

@@ -1,15 +1,17 @@
 """`make soak`: a swarm of real `p2p-trainer` processes on loopback under churn, then a verdict.
 
-    python -m bench.soak [--minutes 10] [--peers 4] [--seed 0] [--debug-model] [--out DIR]
+    python -m bench.soak [--minutes 10] [--peers 4] [--seed 0] [--stall 1] [--debug-model] [--out DIR]
 
 Up to ``--peers`` trainers run for ``--minutes``. Every 8-25 s one random event happens: a new peer
 joins (through a random live trainer, after the bootstrap peer has been killed a third of the way
-in), or a peer leaves on SIGTERM, or one is killed with SIGKILL (half of the kills land inside an
-all-reduce: the victim's log says the round started). A slot whose peer left comes back later with
-``--resume`` on its checkpoint folder. At least two trainers stay up.
+in), or a peer leaves on SIGTERM, or one is killed with SIGKILL. Every peer sends its all-reduce
+parts ``--stall`` seconds late (fault injection through the swarm's test seam), so the half of the
+kills that wait for the victim's log to say its all-reduce started land inside it. A slot whose
+peer left comes back later with ``--resume`` on its checkpoint folder. At least two trainers stay up.
 
 The verdict, from every peer's metrics: rounds completed (distinct groups of two or more) and
-failed, peers whose θ hash after a shared round differs from the rest of their group (must be 0),
+failed, kills mid-all-reduce after which the survivors completed that round without the victim,
+peers whose θ hash after a shared round differs from the rest of their group (must be 0),
 non-finite losses or θ (must be 0), leaves that did not exit 0 within 10 s, and processes left
 behind (both must be 0). Exit code 1 when a must-be-0 figure is not. Not part of CI: it takes
 ``--minutes`` plus about a minute.
@@ -47,6 +49,19 @@ SWARM = [
 ]  # fmt: skip
 
 
+# `p2p-trainer` whose every all-reduce part leaves argv[1] seconds late
+_SLOW_PEER = """
+import sys
+from p2p_trainer import cli
+from p2p_trainer.swarm import peer, testing
+_init = peer.SwarmPeer.__init__
+def init(self, cfg, fingerprint, *, fault=None):
+    _init(self, cfg, fingerprint, fault=testing.stall(float(sys.argv[1])))
+peer.SwarmPeer.__init__ = init
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -63,6 +78,9 @@ class Peer:
         self.proc = subprocess.Popen(args, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
         self.maddr: str | None = None
         self.started = time.monotonic()
+
+    def peer_id(self) -> str:
+        return (self.address() or "").rsplit("/p2p/", 1)[-1]
 
     def address(self) -> str | None:
         if self.maddr is None and self.log.exists():
@@ -89,6 +107,7 @@ class Soak:
         self.children: dict[str, list[int]] = {}  # every peer's process tree, for the leftover check
         self.boot: Peer | None = None
         self.boot_maddr = ""
+        self.victims: dict[str, str] = {}  # peer id -> name, of the peers killed mid-all-reduce
 
     def note(self, what: str, **fields) -> None:
         event = {"t": round(time.monotonic() - self.t0, 1), "event": what, **fields}
@@ -101,7 +120,10 @@ class Soak:
         n = self.incarnations[slot]
         through = [p.address() for p in self.live.values() if p.address()]
         via = self.boot_maddr if self.boot is not None else (self.rng.choice(through) if through else "")
-        args = [sys.executable, "-m", "p2p_trainer.cli", "train", "--config", "configs/debug.toml",
+        launcher = ["-m", "p2p_trainer.cli"]
+        if self.args.stall > 0:
+            launcher = ["-c", _SLOW_PEER, str(self.args.stall)]
+        args = [sys.executable, *launcher, "train", "--config", "configs/debug.toml",
                 "--host-maddrs", LOOPBACK, "--metrics", str(self.out / f"{slot}-{n}.jsonl"),
                 "--checkpoint.dir", str(self.out / f"ckpt-{slot}"), *self.model, *SWARM]  # fmt: skip
         if via:
@@ -142,6 +164,8 @@ class Soak:
         self._snapshot_children(peer)
         peer.proc.kill()
         peer.proc.wait()
+        if landed:
+            self.victims[peer.peer_id()] = peer.name
         self.note("kill", peer=peer.name, mid_allreduce=landed)
 
     def kill_bootstrap(self) -> None:
@@ -208,6 +232,7 @@ class Soak:
     # ---- the verdict ----
     def verdict(self, leftovers: list[int]) -> dict:
         groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        survived: set[str] = set()  # victims the survivors left out of a completed round
         failed, downloads, nonfinite, solo, max_step = 0, 0, 0, 0, 0
         for path in sorted(self.out.glob("s*-*.jsonl")):
             name = path.stem
@@ -220,6 +245,7 @@ class Soak:
                     max_step = max(max_step, record["outer_step"])
                     if not record.get("params_finite", True):
                         nonfinite += 1
+                    survived |= set(record.get("excluded", [])) & set(self.victims)
                     if record.get("group_size", 1) >= 2:
                         groups[record["group_id"]].append((name, record["params_sha256"]))
                     else:
@@ -242,6 +268,7 @@ class Soak:
             "leaves": len(self.leaves),
             "kills": len(kills),
             "kills_mid_allreduce": sum(1 for e in kills if e["mid_allreduce"]),
+            "kills_mid_allreduce_round_completed_without_victim": len(survived),
             "bootstrap_killed": any(e["event"] == "kill_bootstrap" for e in self.events),
             "state_downloads": downloads,
             "rounds_completed": len(groups),
@@ -262,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long the churn goes on")
     parser.add_argument("--peers", type=int, default=4, help="trainer slots")
     parser.add_argument("--seed", type=int, default=0, help="seed of the event schedule")
+    parser.add_argument("--stall", type=float, default=1.0, help="seconds every all-reduce part is held back")
     parser.add_argument("--debug-model", action="store_true", help="the debug config's model (slower rounds)")
     parser.add_argument("--out", help="folder for logs and metrics (default: a new temp folder)")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from hivemind.dht.crypto import RSASignatureValidator
 
 from p2p_trainer.swarm.identity import check_announce_maddrs, check_multiaddrs, load_identity, start_dht
+from p2p_trainer.swarm.procs import stop_dht
 
 logger = logging.getLogger(__name__)
 DEFAULT_HOST = ["/ip4/0.0.0.0/tcp/0"]
@@ -77,6 +78,6 @@ def run_bootstrap(
     finally:
         if server is not None:
             server.shutdown()
-        dht.shutdown()
+        stop_dht(dht)
         ident.cleanup()
     return 0

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ABI_VERSION = 1
-_SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "int8_codec.c"
+# `codec/kernels` links to the repo's kernels/ folder and is shipped as package data in wheels
+_SOURCE = Path(__file__).parent / "kernels" / "int8_codec.c"
 # -ffp-contract=off: a fused multiply-add would round differently from the torch reference, and so
 # would -ffast-math's reassociation; codes must match bit for bit.
 BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno")

@@ -11,9 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-import os
 import random
-import signal
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -503,14 +501,7 @@ class SwarmPeer:
         if self._loop is not None:
             self._loop.stop()
         if self._dht is not None:
-            helpers = procs.descendants(self._dht.pid) if self._dht.pid else []
-            self._dht.shutdown()
-            for pid in helpers:  # p2pd normally exits with the DHT; make sure it did
-                if procs.command_name(pid) == "p2pd":
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            procs.stop_dht(self._dht)
         self._identity.cleanup()
 
     async def _leave(self) -> None:

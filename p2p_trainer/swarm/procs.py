@@ -49,6 +49,18 @@ def kill_p2pd_children(pid: int, sig: int = signal.SIGTERM) -> None:
                 pass
 
 
+def stop_dht(dht) -> None:
+    """Shut a hivemind DHT down and make sure its p2pd went with it (it normally does, not always)."""
+    helpers = descendants(dht.pid) if dht.pid else []
+    dht.shutdown()
+    for pid in helpers:
+        if command_name(pid) == "p2pd":
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def die_with_parent(parent_pid: int, period: float = 1.0) -> None:
     """In a child process: exit, taking our p2pd along, when the parent dies or on SIGTERM.
 
