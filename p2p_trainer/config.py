@@ -71,7 +71,9 @@ class DataConfig:
     )
     tokenizer: str = _f("bytes", "'bytes' (byte-level, identical everywhere) or a hub/local tokenizer id")
     batch_size: int = _f(16, "sequences per optimizer step on this peer")
-    micro_batch_size: int = _f(16, "sequences per forward/backward (gradient accumulation fills batch_size)")
+    micro_batch_size: int = _f(
+        16, "sequences per forward/backward on one local rank (gradient accumulation fills batch_size)"
+    )
     seed: int = _f(0, "seed of the per-peer data order (mixed with the peer's rank in the swarm)")
     eval_fraction: float = _f(0.02, "fraction of each offline source held out for evaluation")
     eval_batches: int = _f(8, "batches in one held-out evaluation")

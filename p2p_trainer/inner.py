@@ -110,20 +110,18 @@ class InnerLoop:
         return causal_lm_loss(logits, tokens[:, 1:], self.cfg.z_loss)
 
     def step(self, batch: torch.Tensor) -> StepStats:
-        """One optimizer step on the peer's batch [B, T+1]; this rank takes every world-th micro-batch."""
+        """One optimizer step on the peer's batch [B, T+1]; each rank takes B/world rows, in micro-batches."""
         self.model.train()
-        micro = batch.split(self.micro_batch_size)
-        mine = micro[self.rank :: self.world]
-        if not mine:
-            raise ValueError(f"batch of {len(batch)} sequences is too small for {self.world} ranks")
+        rows = self._my_rows(batch)
         lr = self.lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         reported = torch.zeros((), device=self.device)
-        for tokens in mine:
+        for tokens in rows.split(self.micro_batch_size):
+            share = len(tokens) / len(rows)  # a short last micro-batch weighs less
             loss, ce = self._forward_loss(tokens.to(self.device, non_blocking=True))
-            (loss / len(mine)).backward()
-            reported += ce.detach() / len(mine)
+            (loss * share).backward()
+            reported += ce.detach() * share
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -131,6 +129,11 @@ class InnerLoop:
         if self.world > 1:
             dist.all_reduce(reported, op=dist.ReduceOp.AVG)
         return StepStats(loss=reported.item(), lr=lr, tokens=batch[:, 1:].numel(), grad_norm=grad_norm)
+
+    def _my_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) % self.world:
+            raise ValueError(f"batch of {len(batch)} sequences does not split evenly over {self.world} ranks")
+        return batch.chunk(self.world)[self.rank]
 
     def _clip(self) -> float:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -145,7 +148,7 @@ class InnerLoop:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for tokens in batches:
-            for micro in tokens.split(self.micro_batch_size)[self.rank :: self.world]:
+            for micro in self._my_rows(tokens).split(self.micro_batch_size):
                 total += self._forward_loss(micro.to(self.device))[1] * len(micro) / len(tokens)
         if self.world > 1:
             dist.all_reduce(total)

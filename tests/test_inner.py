@@ -23,11 +23,12 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (8, MODEL.seq_len + 1), generator=g) for _ in range(STEPS)]
 
 
-def _train(rank: int, world: int) -> tuple[list[float], torch.Tensor]:
+def _train(rank: int, world: int, micro: int) -> tuple[list[float], torch.Tensor]:
+    """Losses of a few steps, then the held-out loss, and the final parameters."""
     model = build_model(MODEL, VOCAB, seed=1)
-    loop = InnerLoop(model, INNER, micro_batch_size=2, rank=rank, world=world)
+    loop = InnerLoop(model, INNER, micro_batch_size=micro, rank=rank, world=world)
     losses = [loop.step(b).loss for b in _batches()]
-    return losses, loop.export_params()
+    return [*losses, loop.evaluate(_batches()[:2])], loop.export_params()
 
 
 def _worker(rank: int, world: int, port: int, out: dict) -> None:
@@ -41,8 +42,8 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     torch.set_num_threads(1)
     r, w, _ = init_distributed()
     assert (r, w) == (rank, world)
-    losses, params = _train(rank, world)
-    out[rank] = (losses, params)
+    # micro 2: accumulation on every rank; micro 8 (the whole batch): one micro-batch of 4 rows per rank
+    out[rank] = {micro: _train(rank, world, micro) for micro in (2, 8)}
     torch.distributed.destroy_process_group()
 
 
@@ -53,16 +54,17 @@ def _free_port() -> int:
 
 
 def test_fsdp_two_ranks_match_one_rank():
-    single_losses, single_params = _train(0, 1)
+    single_losses, single_params = _train(0, 1, 2)
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
         results = dict(out)
     for rank in (0, 1):
-        losses, params = results[rank]
-        assert losses == pytest.approx(single_losses, rel=1e-4, abs=1e-5)
-        torch.testing.assert_close(params, single_params, rtol=1e-4, atol=1e-5)
-    assert single_losses[-1] < single_losses[0]
+        for micro in (2, 8):
+            losses, params = results[rank][micro]
+            assert losses == pytest.approx(single_losses, rel=1e-4, abs=1e-5)
+            torch.testing.assert_close(params, single_params, rtol=1e-4, atol=1e-5)
+    assert single_losses[STEPS - 1] < single_losses[0]
 
 
 def test_wsd_schedule_shapes():
