@@ -160,7 +160,9 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                 row["wire_bound_s"] = round(bound, 3)
                 row["x_bound"] = round(row["round_s"] / bound, 2)
                 if engine == "ours":  # the bound for the bytes actually sent (headers, codebooks)
-                    sent = statistics.median(a["bytes_sent"] for a in answers[-1])
+                    # max over peers: a reducer's reply still in flight when its own round returns
+                    # is missing from that peer's count
+                    sent = max(a["bytes_sent"] for a in answers[-1])
                     row["bound_actual_bytes_s"] = round(sent * 8 / (rate * 1e6), 3)
                 if rate == 100 and (engine, codec) in ANCHORS and n == 2:
                     row["anchor_s"] = ANCHORS[(engine, codec)]

@@ -194,7 +194,8 @@ class Soak:
                 time.sleep(min(self.rng.uniform(8, 25), max(0.0, end - time.monotonic())))
                 if time.monotonic() >= end:
                     break
-                if self.boot is not None and time.monotonic() >= boot_kill_at:
+                joined = all(p.address() for p in self.live.values())
+                if self.boot is not None and time.monotonic() >= boot_kill_at and joined:
                     self.kill_bootstrap()
                     continue
                 for slot, peer in list(self.live.items()):  # a peer that died by itself is noted

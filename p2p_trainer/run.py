@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from p2p_trainer import checkpoint
-from p2p_trainer.config import Config
+from p2p_trainer.config import Config, ConfigError
 from p2p_trainer.data import TokenStream, build_tokenizer, eval_batches, tokenizer_sha256
 from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.inner import InnerLoop, init_distributed
@@ -106,6 +106,15 @@ class Trainer:
             finally:
                 self.stop.abort_now = False
             self.stop.on_stop(self.peer.interrupt)
+        try:
+            self._build(cfg)
+        except BaseException:  # a bad checkpoint, Ctrl+C, ...: our swarm node must not outlive us
+            if self.peer is not None:
+                self.peer.shutdown()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        """Everything but the swarm node (which must fork before CUDA starts)."""
         self.rank, self.world, self.device = init_distributed()
         vocab = len(self.tokenizer)
         model = build_model(cfg.model, vocab, seed=cfg.inner.seed, device=self.device)
@@ -333,7 +342,7 @@ class Trainer:
             return
         state = checkpoint.load_checkpoint(path)
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"checkpoint {path} belongs to another run (fingerprint differs)")
+            raise ConfigError(f"checkpoint {path} belongs to another run (its run fingerprint differs)")
         if self.diloco is not None:
             self.diloco.load_state_dict(state["diloco"])
             self.params_sha256 = self.diloco.sha256()

@@ -30,7 +30,7 @@ COMMON = [
     "--data.micro_batch_size", "8", "--inner.steps_per_round", "5", "--inner.slowdown", "4",
     "--log.eval_every", "0", "--swarm.matchmaking_timeout", "5",
     "--swarm.allreduce_timeout", str(ALLREDUCE_TIMEOUT), "--swarm.record_ttl", "10",
-    "--swarm.join_timeout", "20", "--swarm.state_timeout", "20",
+    "--swarm.join_timeout", "20", "--swarm.state_timeout", "20", "--swarm.download_inner_state", "true",
 ]  # fmt: skip
 
 # a trainer whose every all-reduce part leaves STALL_S late (fault injection through the test seam)
@@ -231,6 +231,7 @@ def test_a_late_joiner_downloads_the_state_and_then_agrees_with_everyone(joined)
     download, mine = _joined_at(tmp, "j")
     step = download["outer_step"]
     assert step >= 5 and download["donor"] in {_peer_id(joined.address(n)) for n in ("p0", "p1")}
+    assert download["inner_optimizer"]  # the donor's AdamW state came along (download_inner_state)
     # it took over the schedule position too: its first inner step continues the donor's count
     first_inner = [r for r in read_metrics(tmp / "j.jsonl", "inner_step") if r["outer_step"] == step][0]
     assert first_inner["step"] == download["inner_step"] + 1 and download["inner_step"] >= 5 * step
