@@ -2,7 +2,8 @@
 two trainers) lives through the whole module, in this order: the bootstrap peer is killed, a peer of
 another run is refused, a late joiner downloads the state and joins, that joiner is killed with
 SIGKILL in the middle of an all-reduce, a trainer leaves on SIGTERM and comes back with --resume.
-A lone peer stuck in matchmaking is stopped with SIGTERM on the side."""
+On the side, SIGTERM stops a lone peer stuck in matchmaking and one stuck retrying an unreachable
+initial peer."""
 
 from __future__ import annotations
 

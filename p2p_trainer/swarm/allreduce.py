@@ -12,14 +12,17 @@ that slice (and told so).
 A reducer that is gone (its stream breaks, or it sends nothing within the reply timeout: a crashed
 peer) is left out too: the next live reducer in group order takes its slice over. A backup that
 already holds the lost reducer's average for that slice hands out those very bytes; otherwise it
-reduces the slice afresh from the survivors' parts. A takeover needs two live members; with fewer
-(or when a reducer answers with an error) the round fails for everyone who needs that slice.
+reduces the slice afresh from the survivors' parts, and only when every live member sent one (a
+member that stays silent may hold the lost reducer's average, and the copies must not differ). A
+takeover needs two live members; with fewer, or a silent one, or a reducer that answers with an
+error, the round fails for everyone who needs that slice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +39,8 @@ from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.matchmaking import Group, check_weight
 
 logger = logging.getLogger(__name__)
+
+_DRAIN_S = 5.0  # how long a reducer keeps reading a late part before it answers with the average
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class _SliceReduction:
         self.pending = {m.peer_id for m in group.members}
         self.all_in = asyncio.Event()
         self.closed = False
+        self.takeover = False  # the slice of a lost reducer: every live member must take part
         self.result: asyncio.Future[tuple[dict[str, Any], wire.Payload]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -300,6 +306,7 @@ class AllReducer:
             reduction = _SliceReduction(
                 state.group, index, state.bounds[index], self.timeout, self.max_weight
             )
+            reduction.takeover = True
             state.takeovers[index] = reduction
             for peer_id, why in state.lost.items():
                 reduction.exclude(peer_id, f"it is gone ({why})")
@@ -395,10 +402,11 @@ class AllReducer:
                     writer, {"error": "member lists differ: the leader sent two"}, traffic
                 )
             left = max(reduction.deadline - time.monotonic(), 0.0)
+            receiving = asyncio.ensure_future(
+                wire.recv_frame(reader, self._max_payload(reduction.hi - reduction.lo), traffic)
+            )
             try:
-                payload = await asyncio.wait_for(
-                    wire.recv_frame(reader, self._max_payload(reduction.hi - reduction.lo), traffic), left
-                )
+                payload = await asyncio.wait_for(asyncio.shield(receiving), left)
                 await self._submit(reduction, sender, header.get("weight"), header.get("numel"), payload)
             except asyncio.TimeoutError:
                 reduction.exclude(
@@ -407,6 +415,11 @@ class AllReducer:
             except wire.FrameError as e:
                 reduction.exclude(sender, str(e))
             reply, out = await asyncio.shield(reduction.result)
+            if not receiving.done():
+                # read the late part anyway: closing a stream with unread data resets it, and the
+                # sender would lose the average we send (the same bytes as everyone's)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(receiving, _DRAIN_S)
             await wire.send_json(writer, reply, traffic)
             await wire.send_frame(writer, out, traffic)
         except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError) as e:
@@ -489,8 +502,18 @@ class AllReducer:
         try:
             await asyncio.wait_for(reduction.all_in.wait(), max(reduction.deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
-            for peer_id in sorted(reduction.pending):
+            late = sorted(reduction.pending)
+            for peer_id in late:
                 reduction.exclude(peer_id, f"sent nothing within allreduce_timeout={self.timeout:g}s")
+            if reduction.takeover:
+                # a silent member may hold the lost reducer's own average for this slice (or never
+                # noticed it was gone): an average without it could differ from what it applies
+                reduction.closed = True
+                why = f"{', '.join(late)} did not take part, so its copy of the slice may differ"
+                reduction.result.set_result(
+                    ({"error": f"slice {reduction.index} cannot be taken over: {why}"}, b"")
+                )
+                return
         reduction.closed = True
         step, index = reduction.group.outer_step, reduction.index
         parts = [reduction.parts[m.peer_id] for m in reduction.group.members if m.peer_id in reduction.parts]
