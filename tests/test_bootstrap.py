@@ -1,31 +1,14 @@
 """`p2p-trainer bootstrap`: stable identity, the `initial peer:` line, a clean exit on SIGINT/SIGTERM."""
 
-import os
 import signal
 import time
 
 import pytest
 
+from p2p_trainer.swarm.procs import descendants
 from tests.e2e import LOOPBACK, cli, start, wait_for_line
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -52,7 +35,7 @@ def test_bootstrap_keeps_identity_and_exits_cleanly(tmp_path, sig):
         maddr = wait_for_line(log, "initial peer:", proc)
         assert maddr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/" in maddr
         peer_ids.append(maddr.rsplit("/p2p/", 1)[1])
-        family = _descendants(proc.pid)
+        family = set(descendants(proc.pid))
         assert family, "the DHT process and p2pd should run under the bootstrap peer"
         t0 = time.monotonic()
         proc.send_signal(sig)
