@@ -165,7 +165,7 @@ def _rel_err(result, exact) -> float:
 class _Ours:
     def __init__(self, args, initial: dict):
         from p2p_trainer.swarm import SwarmPeer
-        from p2p_trainer.swarm.testing import local_config
+        from p2p_trainer.testing.swarm import local_config
 
         self.world, self.peers = args.world, {}
         for codec in args.codecs:

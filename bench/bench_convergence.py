@@ -162,7 +162,7 @@ def simulate_reduce(deltas: list, weights: list[float], codec):
     decode(encode(Σ w_j decode(encode(Δ_j)) / Σ w_j)), accumulated in fp32 in group order."""
     import torch
 
-    from p2p_trainer.swarm.allreduce import slice_bounds, weighted_mean
+    from p2p_trainer.swarm.partition import slice_bounds, weighted_mean
 
     numel = deltas[0].numel()
     out = torch.empty(numel)
@@ -282,10 +282,10 @@ def run_swarm(base: dict, work: Path, outer: tuple[float, float], h: int = 50, c
 
     from p2p_trainer import checkpoint
     from p2p_trainer.config import load_config
-    from p2p_trainer.data import TokenStream, build_tokenizer
+    from p2p_trainer.contracts import run_fingerprint
+    from p2p_trainer.data import TokenStream, build_tokenizer, tokenizer_sha256
     from p2p_trainer.diloco import DiLoCo
     from p2p_trainer.metrics import read_metrics
-    from p2p_trainer.run import run_fingerprint
 
     budget, warm_steps = base["budget"], base["warm"]
     t0 = time.time()
@@ -308,7 +308,7 @@ def run_swarm(base: dict, work: Path, outer: tuple[float, float], h: int = 50, c
             folder = work / f"swarm-ckpt-{i}"
             state = {"outer_step": 0, "diloco": DiLoCo(warm["params"], cfg.outer).state_dict(),
                      "inner": warm["inner"], "config": cfg.to_dict(),
-                     "fingerprint": run_fingerprint(cfg, tok),
+                     "fingerprint": run_fingerprint(cfg, tokenizer_sha256(tok), len(tok)),
                      "data": TokenStream(cfg.data, tok, cfg.model.seq_len,
                                          peer_seed=_order(base["seed"], i)).state_dict()}
             checkpoint.save_checkpoint(folder, 0, state)

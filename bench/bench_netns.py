@@ -34,6 +34,7 @@ from pathlib import Path
 from bench._procs import loadavg
 from bench.bench_allreduce import VARIANTS, measure
 from p2p_trainer.metrics import read_metrics
+from p2p_trainer.swarm import procs
 
 PREFIX = "p2pb"
 SUBNET = "10.213.0"
@@ -51,10 +52,6 @@ def _tc(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedP
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
 
 
-def _alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
-
-
 def cleanup_stale() -> list[str]:
     """Remove namespaces and links of earlier runs whose process is gone; returns what was removed."""
     removed = []
@@ -62,13 +59,13 @@ def cleanup_stale() -> list[str]:
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = pattern.match(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not procs.alive(int(m.group(1))):
             _ip("netns", "delete", name, check=False)
             removed.append(name)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
         m = pattern.match(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not procs.alive(int(m.group(1))):
             _ip("link", "delete", name, check=False)
             removed.append(name)
     return removed

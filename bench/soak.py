@@ -36,38 +36,18 @@ from p2p_trainer.metrics import read_metrics
 from p2p_trainer.swarm import procs
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-# a tiny model whose steps mostly sleep: rounds of 1-3 s on 2 cores, so 10 minutes see hundreds
+# a tiny model whose steps mostly sleep (the test entry point's --slowdown 4): rounds of 1-3 s on 2
+# cores, so 10 minutes see hundreds
 FAST_MODEL = [
     "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4",
     "--model.intermediate_size", "128", "--model.seq_len", "64", "--data.batch_size", "8",
-    "--data.micro_batch_size", "8", "--inner.slowdown", "4",
+    "--data.micro_batch_size", "8",
 ]  # fmt: skip
 SWARM = [
     "--inner.steps_per_round", "5", "--log.eval_every", "0", "--log.progress_bar", "false",
     "--swarm.matchmaking_timeout", "8", "--swarm.allreduce_timeout", "10", "--swarm.record_ttl", "15",
     "--swarm.join_timeout", "30", "--swarm.state_timeout", "30", "--checkpoint.every", "5",
 ]  # fmt: skip
-
-
-# `p2p-trainer` whose every all-reduce part leaves argv[1] seconds late
-_SLOW_PEER = """
-import sys
-from p2p_trainer import cli
-from p2p_trainer.swarm import peer, testing
-_init = peer.SwarmPeer.__init__
-def init(self, cfg, fingerprint, *, fault=None):
-    _init(self, cfg, fingerprint, fault=testing.stall(float(sys.argv[1])))
-peer.SwarmPeer.__init__ = init
-sys.exit(cli.main(sys.argv[2:]))
-"""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Peer:
@@ -120,9 +100,12 @@ class Soak:
         n = self.incarnations[slot]
         through = [p.address() for p in self.live.values() if p.address()]
         via = self.boot_maddr if self.boot is not None else (self.rng.choice(through) if through else "")
-        launcher = ["-m", "p2p_trainer.cli"]
+        # the test entry point: the real CLI, with faults through the trainer's seams
+        launcher = ["-m", "p2p_trainer.testing.peer"]
+        if not self.args.debug_model:
+            launcher += ["--slowdown", "4"]
         if self.args.stall > 0:
-            launcher = ["-c", _SLOW_PEER, str(self.args.stall)]
+            launcher += ["--fault", f"stall:{self.args.stall:g}"]
         args = [sys.executable, *launcher, "train", "--config", "configs/debug.toml",
                 "--host-maddrs", LOOPBACK, "--metrics", str(self.out / f"{slot}-{n}.jsonl"),
                 "--checkpoint.dir", str(self.out / f"ckpt-{slot}"), *self.model, *SWARM]  # fmt: skip
@@ -222,7 +205,7 @@ class Soak:
                 except subprocess.TimeoutExpired:
                     self.boot.proc.kill()
         time.sleep(3)
-        leftovers = sorted({pid for pids in self.children.values() for pid in pids if _alive(pid)})
+        leftovers = sorted({pid for pids in self.children.values() for pid in pids if procs.alive(pid)})
         for pid in leftovers:  # report them, then clean up
             try:
                 os.kill(pid, signal.SIGKILL)

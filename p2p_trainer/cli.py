@@ -123,13 +123,14 @@ def _list_value(values: list[str], f) -> Any:
     return values
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, *, swarm_factory=None, inner_factory=None) -> int:
     cfg = load_config(args.config, train_overrides(args))
     if args.max_outer_steps is not None and args.max_outer_steps < 0:
         raise ConfigError(f"--max-outer-steps={args.max_outer_steps} must be >= 0")
     from p2p_trainer.run import train  # heavy imports only once the config is known to be good
 
-    return train(cfg, max_outer_steps=args.max_outer_steps)
+    return train(cfg, max_outer_steps=args.max_outer_steps, swarm_factory=swarm_factory,
+                 inner_factory=inner_factory)  # fmt: skip
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -169,10 +170,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, swarm_factory=None, inner_factory=None) -> int:
+    """The command line. ``swarm_factory``/``inner_factory``: the Trainer's test seams (see
+    ``p2p_trainer.testing.peer``), for ``train`` only."""
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "export": _export, "bootstrap": _bootstrap, "status": _status}
+    handlers = {"export": _export, "bootstrap": _bootstrap, "status": _status}
     try:
+        if args.command == "train":
+            return _train(args, swarm_factory=swarm_factory, inner_factory=inner_factory)
         return handlers[args.command](args)
     except _user_errors() as e:
         print(f"p2p-trainer {args.command}: error: {e}", file=sys.stderr)

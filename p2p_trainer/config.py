@@ -118,14 +118,11 @@ class InnerConfig:
     )
     autocast: str = _f("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'")
     seed: int = _f(0, "seed of the model init (equal on every peer of a run)")
-    slowdown: float = _f(1.0, "simulate a slower machine: each inner step takes this many times longer")
 
     def validate(self) -> None:
         _positive("inner.lr", self.lr)
         _positive("inner.total_steps", self.total_steps)
         _positive("inner.steps_per_round", self.steps_per_round)
-        if self.slowdown < 1:
-            raise ConfigError(f"inner.slowdown={self.slowdown} must be >= 1")
         if self.decay_shape not in ("linear", "1-sqrt"):
             raise ConfigError(f"inner.decay_shape={self.decay_shape!r} must be 'linear' or '1-sqrt'")
         if self.autocast not in ("auto", "bf16", "fp32"):

@@ -6,16 +6,12 @@ peer that applies the same averaged pseudo-gradient to the same master copy.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from p2p_trainer.config import OuterConfig
+from p2p_trainer.contracts import params_sha256
 
-
-def params_sha256(flat: torch.Tensor) -> str:
-    """Hash of a flat parameter vector as little-endian fp32 bytes: equal hashes mean equal bits."""
-    return hashlib.sha256(flat.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+__all__ = ["DiLoCo", "params_sha256"]
 
 
 class DiLoCo:
@@ -31,6 +27,9 @@ class DiLoCo:
             foreach=False,
         )
         self.outer_step = 0
+        # hash of θ as of the last outer step or loaded state; "" for a fresh init, which the swarm
+        # must not count as a vote for any θ
+        self.committed_sha256 = ""
 
     def pseudo_gradient(self, local: torch.Tensor) -> torch.Tensor:
         """Δ = θ − θ_local: the direction the inner steps moved, as a gradient of the outer step."""
@@ -49,6 +48,7 @@ class DiLoCo:
         self.optimizer.step()
         self.master.grad = None
         self.outer_step += 1
+        self.committed_sha256 = self.sha256()
         return self.master.detach()
 
     def sha256(self) -> str:
@@ -73,3 +73,4 @@ class DiLoCo:
         self.optimizer.state.clear()
         if state.get("momentum") is not None:
             self.optimizer.state[self.master]["momentum_buffer"] = state["momentum"].clone()
+        self.committed_sha256 = self.sha256()

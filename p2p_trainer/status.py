@@ -8,7 +8,6 @@ found (one line says so), 2 bad input or the DHT could not be reached (the CLI p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,7 +19,8 @@ from typing import Any
 from hivemind.utils import get_dht_time
 
 from p2p_trainer.config import SwarmConfig
-from p2p_trainer.swarm.progress import ProgressRecord, canonical_fingerprint, swarm_outer_step
+from p2p_trainer.contracts import fingerprint_sha256
+from p2p_trainer.swarm.records import ProgressRecord, swarm_outer_step
 
 NO_RUN = 1
 READ_FOR_S = 3.0  # a freshly joined node may need a few lookups before it sees anyone
@@ -39,7 +39,7 @@ def summarize(run_id: str, records: dict[str, ProgressRecord], fingerprint: dict
     return {
         "run_id": run_id,
         "found": True,
-        "fingerprint_sha256": _fingerprint_hash(fingerprint),
+        "fingerprint_sha256": fingerprint_sha256(fingerprint) if fingerprint is not None else None,
         "fingerprint": fingerprint,
         "outer_step": step,
         "tokens_per_s": sum(r.tokens_per_s for r in records.values()),
@@ -69,12 +69,6 @@ def summarize(run_id: str, records: dict[str, ProgressRecord], fingerprint: dict
 
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
-
-
-def _fingerprint_hash(fingerprint: dict | None) -> str | None:
-    if fingerprint is None:
-        return None
-    return hashlib.sha256(canonical_fingerprint(fingerprint).encode()).hexdigest()
 
 
 def _tokens_by(r: ProgressRecord, now: float) -> float:
@@ -183,7 +177,6 @@ def _observer_config(initial_peers: list[str], run_id: str) -> SwarmConfig:
         initial_peers=list(initial_peers),
         host_maddrs=["/ip4/127.0.0.1/tcp/0" if loopback else "/ip4/0.0.0.0/tcp/0"],
         client_mode=True,  # outgoing connections only: a passing observer stays out of routing tables
-        codec="fp32",  # the observer averages nothing: skip building the int8 kernel
         join_timeout=JOIN_TIMEOUT_S,
     )
 
@@ -191,12 +184,12 @@ def _observer_config(initial_peers: list[str], run_id: str) -> SwarmConfig:
 def observe(initial_peers: list[str], run_id: str) -> tuple[dict[str, ProgressRecord], dict | None]:
     """The run's live progress records and its fingerprint, read through the DHT."""
     from p2p_trainer.swarm.identity import check_multiaddrs
-    from p2p_trainer.swarm.peer import SwarmPeer  # torch: only once the command line is parsed
+    from p2p_trainer.swarm.observer import Observer  # heavy imports only once the command line is parsed
 
     initial_peers = check_multiaddrs(initial_peers, "--initial-peers", need_peer_id=True)
     cfg = _observer_config(initial_peers, run_id)
     cfg.validate()
-    with SwarmPeer(cfg, None) as observer:
+    with Observer(cfg) as observer:
         deadline = time.monotonic() + READ_FOR_S
         while True:
             records = observer.swarm_records()

@@ -5,24 +5,14 @@ import time
 
 import pytest
 
-from p2p_trainer.swarm.procs import descendants
+from p2p_trainer.swarm.procs import alive, command_line, descendants
 from tests.e2e import LOOPBACK, cli, start, wait_for_line
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:120]
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return command_line(pid).decode(errors="replace").replace("\0", " ")[:120]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -44,7 +34,7 @@ def test_bootstrap_keeps_identity_and_exits_cleanly(tmp_path, sig):
         time.sleep(0.5)
         # torch_shm_manager is torch's own shared helper (hivemind's MPFutures use shared memory)
         left = {
-            p: _cmdline(p) for p in family if _alive(p) and not _cmdline(p).startswith("torch_shm_manager")
+            p: _cmdline(p) for p in family if alive(p) and not _cmdline(p).startswith("torch_shm_manager")
         }
         assert not left, f"child processes outlived the bootstrap peer: {left}"
     assert peer_ids[0] == peer_ids[1]

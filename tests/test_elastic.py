@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,27 +23,24 @@ from tests.e2e import LOOPBACK, cli, start, train_args, wait_for_line
 ALLREDUCE_TIMEOUT = 6.0
 UNREACHABLE = "QmXGaG9yZ1hJ4R4mV3PR3rQJ4C8hLZNVn8d3ZGgN5Gbp8S"  # nobody listens on the discard port
 STALL_S = 3.0  # the joiner sends its parts this late: a window to kill it inside an all-reduce
-# a tiny model whose steps mostly sleep (inner.slowdown): rounds of about a second, little CPU
+# a tiny model whose steps mostly sleep (the test entry point's --slowdown): rounds of about a
+# second, little CPU
 COMMON = [
     "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4",
     "--model.intermediate_size", "128", "--model.seq_len", "64", "--data.batch_size", "8",
-    "--data.micro_batch_size", "8", "--inner.steps_per_round", "5", "--inner.slowdown", "4",
+    "--data.micro_batch_size", "8", "--inner.steps_per_round", "5",
     "--log.eval_every", "0", "--swarm.matchmaking_timeout", "5",
     "--swarm.allreduce_timeout", str(ALLREDUCE_TIMEOUT), "--swarm.record_ttl", "10",
     "--swarm.join_timeout", "20", "--swarm.state_timeout", "20", "--swarm.download_inner_state", "true",
 ]  # fmt: skip
 
-# a trainer whose every all-reduce part leaves STALL_S late (fault injection through the test seam)
-_SLOW_PEER = """
-import sys
-from p2p_trainer import cli
-from p2p_trainer.swarm import peer, testing
-_init = peer.SwarmPeer.__init__
-def init(self, cfg, fingerprint, *, fault=None):
-    _init(self, cfg, fingerprint, fault=testing.stall(float(sys.argv[1])))
-peer.SwarmPeer.__init__ = init
-sys.exit(cli.main(sys.argv[2:]))
-"""
+
+
+def _test_peer(args: list[str], *faults: str) -> list[str]:
+    """``args`` (python -m p2p_trainer.cli ...) through the test entry point: steps 4x as long, and
+    the given fault hooks (e.g. every all-reduce part STALL_S late)."""
+    assert args[1:3] == ["-m", "p2p_trainer.cli"], args
+    return [args[0], "-m", "p2p_trainer.testing.peer", "--slowdown", "4", *faults, *args[3:]]
 
 
 def _wait(what: str, predicate, timeout: float, logs: list[Path] = ()):
@@ -76,14 +72,6 @@ def _new_lines(log: Path, seen: int) -> list[str]:
     return log.read_text().splitlines()[seen:]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _children(pid: int) -> dict[int, str]:
     """The process tree under ``pid``: pid -> command name (the DHT process, p2pd, ...)."""
     return {child: procs.command_name(child) or "?" for child in procs.descendants(pid)}
@@ -92,9 +80,9 @@ def _children(pid: int) -> dict[int, str]:
 def _gone(pids, timeout: float) -> list[int]:
     """Wait up to ``timeout`` for ``pids`` to exit; those still alive."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(map(_alive, pids)):
+    while time.monotonic() < deadline and any(map(procs.alive, pids)):
         time.sleep(0.1)
-    return [pid for pid in pids if _alive(pid)]
+    return [pid for pid in pids if procs.alive(pid)]
 
 
 def _joined_at(tmp: Path, name: str) -> tuple[dict, dict[int, dict]]:
@@ -121,9 +109,8 @@ class Swarm:
 
     def start_trainer(self, name: str, *extra: str, via: str, slow: bool = False) -> None:
         args = train_args(self.tmp, name, "--initial-peers", via, *COMMON, *extra)
-        if slow:
-            args = [sys.executable, "-c", _SLOW_PEER, str(STALL_S), *args[3:]]  # args[:3]: python -m cli
-        self.procs[name] = start(args, self.log(name))
+        faults = ["--fault", f"stall:{STALL_S}"] if slow else []
+        self.procs[name] = start(_test_peer(args, *faults), self.log(name))
 
     def address(self, name: str) -> str:
         if name not in self.maddr:
@@ -141,13 +128,13 @@ def swarm(tmp_path_factory):
     try:
         s.procs["boot"] = start(cli("bootstrap", "--host-maddrs", LOOPBACK), s.log("boot"))
         # the lone peer (its own run) starts now, to share the start-up time with the swarm
-        s.procs["lone"] = start(
+        s.procs["lone"] = start(_test_peer(
             train_args(tmp, "lone", *COMMON, "--run-id", "elastic-lone", "--swarm.min_group_size", "2",
-                       "--swarm.matchmaking_timeout", "600"), s.log("lone"))  # fmt: skip
+                       "--swarm.matchmaking_timeout", "600")), s.log("lone"))  # fmt: skip
         # ... and so does one that keeps retrying an unreachable initial peer
-        s.procs["stuck"] = start(
+        s.procs["stuck"] = start(_test_peer(
             train_args(tmp, "stuck", *COMMON, "--swarm.join_timeout", "600", "--initial-peers",
-                       f"/ip4/127.0.0.1/tcp/9/p2p/{UNREACHABLE}"), s.log("stuck"))  # fmt: skip
+                       f"/ip4/127.0.0.1/tcp/9/p2p/{UNREACHABLE}")), s.log("stuck"))  # fmt: skip
         boot = wait_for_line(s.log("boot"), "initial peer:", s.procs["boot"])
         s.start_trainer("p0", "--checkpoint.dir", str(tmp / "ckpt0"), "--checkpoint.keep", "2", via=boot)
         s.start_trainer("p1", via=boot)
@@ -209,7 +196,7 @@ def test_a_peer_of_another_run_is_refused_with_one_line_and_exit_2(swarm):
     args = train_args(swarm.tmp, "wrong", "--initial-peers", swarm.address("p0"), *COMMON,
                       "--model.hidden_size", "96")  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(args, capture_output=True, text=True, timeout=90, env=env)
+    done = subprocess.run(_test_peer(args), capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("p2p-trainer train: error:")]
     assert len(errors) == 1, done.stderr[-3000:]

@@ -10,27 +10,14 @@ import time
 import pytest
 import torch
 
+from p2p_trainer.contracts import params_sha256
 from p2p_trainer.swarm import ProgressRecord, TrainingState
-from p2p_trainer.swarm import testing as st
-from p2p_trainer.swarm.state import agreed_hash, donors, out_of_sync, params_sha256
+from p2p_trainer.swarm.records import agreed_hash, donors, out_of_sync
+from p2p_trainer.testing import faults
+from p2p_trainer.testing import swarm as st
 
 NUMEL = 50_001
 STEP = 3
-
-
-def _publish(peers, step, hashes, timeout=20.0):
-    """Every peer publishes progress at ``step`` with its hash; wait until all see each other there."""
-    for peer, sha in zip(peers, hashes, strict=True):
-        peer.publish_progress(outer_step=step, tokens=0, tokens_per_s=0.0, loss=None, params_sha256=sha)
-    ids = {p.peer_id for p in peers}
-    deadline = time.monotonic() + timeout
-    for peer in peers:
-        while True:
-            records = peer.swarm_records()
-            if all(pid in records and records[pid].outer_step == step for pid in ids):
-                break
-            assert time.monotonic() < deadline, f"{peer.peer_id} does not see every peer at step {step}"
-            time.sleep(0.05)
 
 
 def _adam_state() -> dict:
@@ -56,7 +43,7 @@ def donor_swarm():
     tampered = master.clone()
     tampered[7] += 1.0
     liar.publish_state(TrainingState(STEP, sha, tampered, momentum, inner_step=42))
-    _publish(peers, STEP, [sha, sha, sha, sha, ""])
+    st.announce_step(peers, STEP, hashes=[sha, sha, sha, sha, ""])
     yield peers, honest
     for peer in peers:
         peer.shutdown()
@@ -97,7 +84,7 @@ def test_a_reducer_that_vanishes_mid_round_has_its_slice_taken_over():
     try:
         st.announce_step(peers, 1)
         victim = peers[1]
-        victim.fault = st.stall(30.0)  # it joins the group, then sends nothing
+        victim.fault = faults.stall(30.0)  # it joins the group, then sends nothing
         gen = torch.Generator().manual_seed(1)
         vectors = [torch.randn(30_000, generator=gen) for _ in peers]
         results: list = [None] * 3
@@ -133,7 +120,7 @@ def test_a_failed_round_is_retried_with_a_fresh_group_not_the_dead_one():
     try:
         st.announce_step(peers, 1)
         leader, victim = sorted(peers, key=lambda p: p.peer_id)  # the smallest id leads step 1
-        victim.fault = st.stall(30.0)
+        victim.fault = faults.stall(30.0)
         out = {}
         thread = threading.Thread(
             target=lambda: out.update(v=victim.all_reduce(outer_step=1, vector=torch.ones(100), weight=5.0))

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from p2p_trainer.metrics import read_metrics
-from p2p_trainer.swarm.procs import command_name, descendants
+from p2p_trainer.swarm.procs import alive, command_line, command_name, descendants
 from tests.e2e import LOOPBACK, start, train_args
 from tests.volunteers import ROUND_ARGS, plan_first_peer, stop_all, wait_until
 
@@ -25,20 +25,8 @@ def _tagged(nb, tag: str) -> int:
     return found[0]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _is_peer(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"p2p_trainer.cli\0train" in f.read()
-    except OSError:
-        return False
+    return b"p2p_trainer.cli\0train" in command_line(pid)
 
 
 def _outputs_text(cell) -> str:
@@ -84,8 +72,8 @@ def notebook_run(tmp_path_factory):
                     if index == _tagged(nb, "watch"):  # the volunteer waits a while before watching
                         wait_until(first_round, ROUND_WITHIN_S, "the notebook peer's first round")
                     client.execute_cell(cell, index)
-                left_after_stop = {pid: name for pid, name in started.items() if _alive(pid)}
-        left_after_kernel = {pid: name for pid, name in started.items() if _alive(pid)}
+                left_after_stop = {pid: name for pid, name in started.items() if alive(pid)}
+        left_after_kernel = {pid: name for pid, name in started.items() if alive(pid)}
     finally:
         codes = stop_all(trainers)
     records = {name: read_metrics(tmp / f"{name}.jsonl", "outer_step") for name in trainers}

@@ -13,9 +13,11 @@ import time
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 
+from p2p_trainer.contracts import canonical_fingerprint
 from p2p_trainer.metrics import read_metrics
 from p2p_trainer.status import render_text, summarize
-from p2p_trainer.swarm.progress import ProgressBoard, ProgressRecord, canonical_fingerprint
+from p2p_trainer.swarm.progress import ProgressBoard
+from p2p_trainer.swarm.records import ProgressRecord
 from tests.e2e import cli, start, train_args
 from tests.volunteers import ROUND_ARGS, peer_id_of, plan_first_peer, stop_all, wait_until
 

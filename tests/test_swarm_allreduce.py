@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
-from p2p_trainer.swarm import testing as st
+from p2p_trainer.swarm.records import round_should_close
+from p2p_trainer.testing import faults
+from p2p_trainer.testing import swarm as st
 
 N_PEERS = 3
 ALLREDUCE_TIMEOUT = 2.0
@@ -89,10 +91,10 @@ def test_three_outer_steps_keep_replicas_bit_identical(peers):
 
 
 FAULTS = {
-    "nan": st.nan_values,
-    "wrong_size": st.wrong_size,
-    "weight_1e12": st.absurd_weight,
-    "stall": st.stall(ALLREDUCE_TIMEOUT + 1.0),
+    "nan": faults.nan_values,
+    "wrong_size": faults.wrong_size,
+    "weight_1e12": faults.absurd_weight,
+    "stall": faults.stall(ALLREDUCE_TIMEOUT + 1.0),
 }
 
 
@@ -148,7 +150,7 @@ def test_round_fails_as_a_whole_when_a_partner_is_gone(peers):
     try:
         step = 5
         st.announce_step([a, b], step)
-        b.fault = st.stall(10.0)  # b joins the group, then goes silent and leaves
+        b.fault = faults.stall(10.0)  # b joins the group, then goes silent and leaves
         vectors = [torch.ones(10_000), torch.zeros(10_000)]
         results: list = [None, None]
 
@@ -171,7 +173,8 @@ def test_round_fails_as_a_whole_when_a_partner_is_gone(peers):
 def _train_until_round_closes(peer, step: int, rate: float, out: dict) -> None:
     """A fake inner loop: tokens grow at ``rate`` per second; progress is published every 0.1 s."""
     tokens, last_publish = 0.0, 0.0
-    while not peer.round_should_close(outer_step=step, local_tokens=int(tokens), local_tokens_per_s=rate):
+    while not round_should_close(peer.recent_records(), step, local_tokens=int(tokens), target=ROUND_TOKENS,
+                                 now=time.time(), ttl=peer.record_ttl):
         time.sleep(0.02)
         tokens += rate * 0.02
         if time.monotonic() - last_publish > 0.1:

@@ -4,7 +4,7 @@ and ends with the same bytes as the full peers."""
 import pytest
 import torch
 
-from p2p_trainer.swarm import testing as st
+from p2p_trainer.testing import swarm as st
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from p2p_trainer.codec import CODECS, get_codec
-from p2p_trainer.swarm import testing as st
+from p2p_trainer.testing import swarm as st
 
 pytestmark = pytest.mark.skipif("int8" not in CODECS, reason="int8 codec not available yet")
 

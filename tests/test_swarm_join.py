@@ -12,9 +12,17 @@ import time
 import pytest
 import torch
 
-from p2p_trainer.swarm import MultiaddrError, ProgressRecord, SwarmError, SwarmPeer, procs, swarm_outer_step
-from p2p_trainer.swarm import testing as st
-from p2p_trainer.swarm.progress import first_difference
+from p2p_trainer.contracts import first_difference
+from p2p_trainer.swarm import (
+    MultiaddrError,
+    Observer,
+    ProgressRecord,
+    SwarmError,
+    SwarmPeer,
+    procs,
+    swarm_outer_step,
+)
+from p2p_trainer.testing import swarm as st
 
 PEER = "QmXGaG9yZ1hJ4R4mV3PR3rQJ4C8hLZNVn8d3ZGgN5Gbp8S"
 
@@ -95,7 +103,7 @@ def test_join_through_stock_hivemind_dht_and_check_the_fingerprint():
         assert torch.equal(results[0].average, torch.full((1000,), 0.25))
 
         # an observer (what `p2p-trainer status` needs) sees the run without publishing anything
-        with SwarmPeer(st.local_config("via-stock", [maddr], client_mode=True), None) as observer:
+        with Observer(st.local_config("via-stock", [maddr], client_mode=True)) as observer:
             assert observer.run_fingerprint() == fingerprint
             assert set(observer.swarm_records()) == {p.peer_id for p in peers}
 
@@ -172,8 +180,9 @@ def test_first_difference_names_the_field():
 
 _CRASHING_PEER = """
 import os, time
-from p2p_trainer.swarm import procs, testing
-peer = testing.start_peers(1, "crash")[0]
+from p2p_trainer.swarm import procs
+from p2p_trainer.testing import swarm
+peer = swarm.start_peers(1, "crash")[0]
 print(" ".join(str(p) for p in procs.descendants(os.getpid())), flush=True)
 time.sleep(120)
 """
@@ -190,20 +199,13 @@ def test_a_killed_peer_leaves_no_dht_process_or_p2pd_behind():
         proc.kill()  # SIGKILL: no cleanup code of the peer runs
         proc.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(pid) for pid in children):
+        while time.monotonic() < deadline and any(procs.alive(pid) for pid in children):
             time.sleep(0.1)
-        assert not [pid for pid in children if _running(pid)], "orphans left behind"
+        assert not [pid for pid in children if procs.alive(pid)], "orphans left behind"
     finally:
         if proc.poll() is None:
             proc.kill()
         for pid in children:
-            if _running(pid):
+            if procs.alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

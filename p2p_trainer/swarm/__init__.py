@@ -1,10 +1,13 @@
 """The swarm layer: DHT join and identity, progress records, matchmaking, the all-reduce, serving
 and downloading the training state, and the ``SwarmPeer`` facade that is all ``run.py`` uses."""
 
+from p2p_trainer.contracts import RoundResult
 from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
 from p2p_trainer.swarm.errors import MultiaddrError, RoundFailed, SwarmError
-from p2p_trainer.swarm.peer import Interrupted, RoundResult, SwarmPeer
-from p2p_trainer.swarm.progress import ProgressRecord, swarm_outer_step
+from p2p_trainer.swarm.node import Interrupted
+from p2p_trainer.swarm.observer import Observer
+from p2p_trainer.swarm.peer import SwarmPeer
+from p2p_trainer.swarm.records import ProgressRecord, swarm_outer_step
 from p2p_trainer.swarm.state import Download, TrainingState
 
 __all__ = [
@@ -12,6 +15,7 @@ __all__ = [
     "Fault",
     "Interrupted",
     "MultiaddrError",
+    "Observer",
     "OutgoingPart",
     "ProgressRecord",
     "RoundFailed",

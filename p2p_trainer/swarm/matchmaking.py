@@ -25,7 +25,8 @@ from hivemind.p2p import P2P, PeerID
 
 from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.errors import RoundFailed
-from p2p_trainer.swarm.progress import ProgressBoard, ProgressRecord
+from p2p_trainer.swarm.progress import ProgressBoard
+from p2p_trainer.swarm.records import ProgressRecord
 
 logger = logging.getLogger(__name__)
 

@@ -10,20 +10,30 @@ import threading
 import time
 
 
-def descendants(pid: int) -> list[int]:
-    """Child processes of ``pid`` (and theirs), from /proc; empty where /proc is unavailable."""
-    children: dict[int, list[int]] = {}
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, command name) of every process, from /proc (empty where
+    there is no /proc)."""
+    table = {}
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        return []
+        return table
     for entry in entries:
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+                stat = f.read()
+        except OSError:
             continue
-        children.setdefault(ppid, []).append(int(entry))
+        fields = stat[stat.rfind(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[2]), stat[stat.find("(") + 1 : stat.rfind(")")])
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, int, str]] | None = None) -> list[int]:
+    """Child processes of ``pid`` (and theirs); empty where /proc is unavailable."""
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _, _) in (process_table() if table is None else table).items():
+        children.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -32,12 +42,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie that its parent has not reaped yet does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def command_name(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
         return None
+
+
+def command_line(pid: int) -> bytes:
+    """The NUL-separated argv of ``pid`` (empty when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def kill_p2pd_children(pid: int, sig: int = signal.SIGTERM) -> None:

@@ -1,4 +1,4 @@
-"""Per-peer progress records and the run fingerprint, kept on the DHT.
+"""The progress board: our view of the run's progress records and fingerprint on the DHT.
 
 Both live under run-scoped keys (``{run_id}_progress``, ``{run_id}_fingerprint``) as dictionaries
 whose subkeys are the owners' signed public keys: hivemind's RSASignatureValidator lets only the
@@ -15,10 +15,9 @@ import json
 import logging
 import math
 import re
-import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any, Optional
 
 import hivemind
@@ -28,28 +27,14 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from p2p_trainer.contracts import canonical_fingerprint, first_difference
 from p2p_trainer.swarm.errors import SwarmError
 from p2p_trainer.swarm.identity import peer_id_of_public_key
+from p2p_trainer.swarm.records import ProgressRecord, Records, _ProgressModel
 
 logger = logging.getLogger(__name__)
 
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
-
-
-class _ProgressModel(pv1.BaseModel):
-    peer_id: pv1.StrictStr
-    outer_step: pv1.conint(ge=0, strict=True)
-    tokens: pv1.conint(ge=0, strict=True)
-    tokens_per_s: pv1.confloat(ge=0.0, strict=True)
-    loss: Optional[pv1.StrictFloat]
-    params_sha256: pv1.constr(regex=r"^([0-9a-f]{64})?$", strict=True)
-    client_mode: pv1.StrictBool
-    time: pv1.StrictFloat
-    last_round_tokens: pv1.conint(ge=0, strict=True) = 0
-    last_round_loss: Optional[pv1.StrictFloat] = None
-
-    class Config:
-        extra = pv1.Extra.forbid
 
 
 class _RunSchema(pv1.BaseModel):
@@ -57,77 +42,25 @@ class _RunSchema(pv1.BaseModel):
     fingerprint: dict[BytesWithPublicKey, Optional[pv1.StrictStr]]
 
 
-@dataclass(frozen=True)
-class ProgressRecord:
-    peer_id: str
-    outer_step: int  # rounds this peer has completed = the round it is training now
-    tokens: int  # tokens processed in this round so far
-    tokens_per_s: float
-    loss: float | None
-    params_sha256: str  # hash of θ after the last outer step, "" if none yet
-    client_mode: bool
-    time: float  # wall-clock (DHT) time of publication
-    # how this peer's last completed round ended (0 / None before its first); the board fills them in,
-    # `p2p-trainer status` turns them into a loss trend and the next round's ETA
-    last_round_tokens: int = 0
-    last_round_loss: float | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
-        wire["tokens_per_s"] = float(self.tokens_per_s) if math.isfinite(self.tokens_per_s) else 0.0
-        for key in ("loss", "last_round_loss"):
-            value = wire[key]
-            wire[key] = float(value) if value is not None and math.isfinite(value) else None
-        return wire
-
-    @classmethod
-    def from_wire(cls, value: Any) -> ProgressRecord:
-        """Raise ValueError unless ``value`` matches the schema exactly (no type conversions)."""
-        model = _ProgressModel.parse_obj(value)
-        if model.dict() != {**_OPTIONAL_ON_WIRE, **value}:
-            raise ValueError("record needs type conversions")
-        return cls(**model.dict())
-
-
-_OPTIONAL_ON_WIRE = {"last_round_tokens": 0, "last_round_loss": None}  # added later: older peers omit them
-
-
 def make_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
     return [RSASignatureValidator(private_key), SchemaValidator(_RunSchema, prefix=run_id)]
-
-
-def swarm_outer_step(records: dict[str, ProgressRecord]) -> int | None:
-    """The outer step the swarm agrees on: the (lower) median of live records, so one peer that
-    claims a huge step cannot drag everyone along. None when there are no records."""
-    steps = [r.outer_step for r in records.values()]
-    return statistics.median_low(steps) if steps else None
-
-
-def canonical_fingerprint(fingerprint: dict) -> str:
-    return json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def first_difference(swarm: dict, ours: dict, prefix: str = "") -> str | None:
-    """Name the first (in sorted key order) field where two fingerprints differ."""
-    for key in sorted(set(swarm) | set(ours), key=str):
-        a, b = swarm.get(key, "<missing>"), ours.get(key, "<missing>")
-        path = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, path + ".")
-            if found:
-                return found
-        elif a != b:
-            return f"{path}: the swarm has {a!r}, this peer has {b!r}"
-    return None
 
 
 class ProgressBoard:
     """Our view of the run's records; all methods run on the swarm's event loop thread."""
 
     def __init__(
-        self, dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, peer_id: str, ttl: float
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        signer: RSASignatureValidator,
+        peer_id: str,
+        ttl: float,
+        *,
+        client_mode: bool = False,
     ):
-        self._dht, self._peer_id, self.ttl = dht, peer_id, ttl
+        self._dht, self._peer_id, self.ttl, self.client_mode = dht, peer_id, ttl, client_mode
+        self._loop = asyncio.get_running_loop()
         self._progress_key, self._fingerprint_key = f"{run_id}_progress", f"{run_id}_fingerprint"
         self._subkey = signer.local_public_key
         self._mine: ProgressRecord | None = None
@@ -136,16 +69,32 @@ class ProgressBoard:
         self._publisher: asyncio.Task | None = None
         self._store_lock = asyncio.Lock()
         self._dirty = False
-        self._records: dict[str, ProgressRecord] = {}
+        self._records: Records = {}
         self._read_at = -math.inf  # monotonic time the cached read started
         self._reader: asyncio.Task | None = None
         self._reader_started = -math.inf
         self._owners: dict[bytes, str] = {}
         self._complained: set[tuple[str, str]] = set()
+        self._refresh_asked = -math.inf
 
     @property
     def mine(self) -> ProgressRecord | None:
         return self._mine
+
+    def record(
+        self, *, outer_step: int, tokens: int, tokens_per_s: float, loss: float | None, params_sha256: str
+    ) -> ProgressRecord:
+        """A record of ours, stamped now: the one place that fills in who we are."""
+        return ProgressRecord(
+            peer_id=self._peer_id,
+            outer_step=int(outer_step),
+            tokens=max(0, int(tokens)),
+            tokens_per_s=float(tokens_per_s),
+            loss=None if loss is None else float(loss),
+            params_sha256=params_sha256,
+            client_mode=self.client_mode,
+            time=get_dht_time(),
+        )
 
     # ---- writing ----
     async def _store(self, key: str, value: Any) -> bool:
@@ -210,7 +159,7 @@ class ProgressBoard:
         await self._store(self._progress_key, None)
 
     # ---- reading ----
-    async def read(self, max_age: float = 0.5) -> dict[str, ProgressRecord]:
+    async def read(self, max_age: float = 0.5) -> Records:
         """Live records by peer id, from a fetch that started at most ``max_age`` seconds ago."""
         oldest_ok = time.monotonic() - max_age
         if self._read_at < oldest_ok:
@@ -219,9 +168,14 @@ class ProgressBoard:
             await asyncio.shield(self._reader)
         return dict(self._records)
 
-    def snapshot(self) -> tuple[dict[str, ProgressRecord], float]:
-        """The last records read and when that read started; safe to call from any thread."""
-        return self._records, self._read_at
+    def recent(self, max_age: float = 0.5) -> Records:
+        """Any thread, never waits: the last records read, and a fresher read started on the loop
+        when they are older than ``max_age`` seconds."""
+        records, read_at = self._records, self._read_at  # copy-on-write: a consistent snapshot
+        if time.monotonic() - max(read_at, self._refresh_asked) > max_age:
+            self._refresh_asked = time.monotonic()
+            self._loop.call_soon_threadsafe(self.refresh)
+        return records
 
     def refresh(self) -> None:
         """Start a read unless one is running (loop thread only)."""
@@ -236,7 +190,7 @@ class ProgressBoard:
         entries = await self._read_entries(self._progress_key)
         if entries is None:
             return  # keep the last good view: "nobody else is there" would be a dangerous guess
-        records: dict[str, ProgressRecord] = {}
+        records: Records = {}
         for peer_id, value in entries.items():
             if value is None:
                 continue  # the peer withdrew

@@ -1,36 +1,28 @@
-"""The training state a peer needs to join a running swarm or catch up with it: θ, the outer
-momentum, the outer step, the schedule position (inner step count) and, optionally, the inner
-AdamW state.
+"""The training state a peer needs to join a running swarm or catch up with it (θ, the outer
+momentum, the outer step, the schedule position and, optionally, the inner AdamW state), its
+serialized form, and serving it.
 
 A donor serves an immutable snapshot taken at its last outer step, from the swarm's event loop
 thread, so serving never blocks training (a newer snapshot replaces the reference; streams that
-already started finish with the old one). A downloader picks its donor at random among the peers
-at the swarm's outer step (newcomers spread over donors) and checks what it got against the hash
-most live records published for that step, not only the donor's word; a mismatch, a refusal or a
-failure moves on to another donor.
+already started finish with the old one). Downloading it is ``swarm.download``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
-import random
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from p2p_trainer.swarm import wire
-from p2p_trainer.swarm.progress import ProgressRecord, swarm_outer_step
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20  # bytes per frame: the downloader's progress bar moves at least this often
+CHUNK_BYTES = 1 << 20  # bytes per frame: the downloader's progress bar moves at least this often
 _MAX_SERVING = 4  # concurrent downloads one donor serves; more are told to try another donor
 
 
@@ -57,67 +49,8 @@ class DonorFailed(Exception):
     """One donor could not give us a good state; the downloader tries another."""
 
 
-# ---- what the swarm agrees on ------------------------------------------------------------------
-def agreed_hash(records: dict[str, ProgressRecord], step: int, extra: str = "") -> str | None:
-    """The θ hash most live records at ``step`` carry (plus ``extra``, one more vote); ties go to the
-    smallest hash, so every peer that sees the same records picks the same one."""
-    votes = Counter(r.params_sha256 for r in records.values() if r.outer_step == step and r.params_sha256)
-    if extra:
-        votes[extra] += 1
-    if not votes:
-        return None
-    return min(votes, key=lambda h: (-votes[h], h))
-
-
-def out_of_sync(
-    records: dict[str, ProgressRecord], peer_id: str, step: int, sha: str, *, check_hash: bool
-) -> str | None:
-    """Why this peer (at ``step`` with θ hash ``sha``) must download the swarm's state, or None.
-
-    Behind: the other peers' agreed step (median, never the max one record claims) is ahead of
-    ours, e.g. we joined late or missed a round the others completed. Diverged: at our own step
-    most live records (ours counted) hold another θ, e.g. we were alone in a round or the swarm
-    split into two groups at start-up."""
-    others = {pid: r for pid, r in records.items() if pid != peer_id}
-    swarm_step = swarm_outer_step(others)
-    if swarm_step is None:
-        return None
-    if swarm_step > step:
-        return f"the swarm is at outer step {swarm_step}, this peer at {step}"
-    if check_hash and swarm_step == step and sha:
-        agreed = agreed_hash(others, step, extra=sha)
-        if agreed is not None and agreed != sha:
-            holders = sum(1 for r in others.values() if r.outer_step == step and r.params_sha256 == agreed)
-            return (
-                f"after outer step {step} this peer's θ ({sha[:12]}) differs from the one {holders} "
-                f"other peer(s) hold ({agreed[:12]})"
-            )
-    return None
-
-
-def donors(
-    records: dict[str, ProgressRecord], peer_id: str, rng: random.Random
-) -> tuple[int, str, list[str]]:
-    """(step, hash, donors in a random order): the swarm's step, the hash most records hold there,
-    and the full peers that published it. Empty when nobody has anything worth downloading."""
-    others = {pid: r for pid, r in records.items() if pid != peer_id}
-    step = swarm_outer_step(others)
-    sha = agreed_hash(others, step) if step is not None else None
-    if step is None or sha is None:
-        return -1, "", []
-    found = sorted(
-        pid
-        for pid, r in others.items()
-        if r.outer_step == step and r.params_sha256 == sha and not r.client_mode
-    )
-    rng.shuffle(found)
-    return step, sha, found
-
-
-def params_sha256(flat: torch.Tensor) -> str:
-    """The θ hash peers publish: sha256 of the fp32 bytes (the same as ``diloco.params_sha256``, which
-    the swarm layer may not import)."""
-    return hashlib.sha256(flat.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+def handler_name(run_id: str) -> str:
+    return f"p2p_trainer.{run_id}.state"
 
 
 # ---- (de)serialization: torch's format, loaded with weights_only (no code from a donor runs) ----
@@ -185,7 +118,7 @@ class StateServer:
     """Serves our latest snapshot to peers that ask (full peers only: clients accept no streams)."""
 
     def __init__(self, p2p: P2P, run_id: str) -> None:
-        self._p2p, self._handler = p2p, f"p2p_trainer.{run_id}.state"
+        self._p2p, self._handler = p2p, handler_name(run_id)
         self._snapshot: _Snapshot | None = None
         self._serving = 0
 
@@ -227,8 +160,8 @@ class StateServer:
                 }
                 await wire.send_json(writer, header, traffic)
                 view = memoryview(blob)
-                for offset in range(0, len(blob), _CHUNK):
-                    await wire.send_frame(writer, view[offset : offset + _CHUNK], traffic)
+                for offset in range(0, len(blob), CHUNK_BYTES):
+                    await wire.send_frame(writer, view[offset : offset + CHUNK_BYTES], traffic)
                 logger.info(
                     f"served the state of outer step {state.outer_step} to {sender} ({len(blob)} bytes)"
                 )
@@ -242,52 +175,3 @@ class StateServer:
             logger.exception(f"failed to serve the state to {sender}")
         finally:
             await wire.close(writer)
-
-
-# ---- downloader side ---------------------------------------------------------------------------
-async def fetch(
-    p2p: P2P,
-    run_id: str,
-    donor: str,
-    step: int,
-    *,
-    numel: int,
-    want_inner: bool,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[TrainingState, int]:
-    """Ask ``donor`` for its state of outer ``step``; (state, bytes received). Raises DonorFailed."""
-    traffic = wire.Traffic()
-    limit = 4 * numel * (4 if want_inner else 2) + (16 << 20)  # θ, momentum (+ AdamW moments), slack
-    try:
-        _, reader, writer = await p2p.call_binary_stream_handler(
-            PeerID.from_base58(donor), f"p2p_trainer.{run_id}.state"
-        )
-    except Exception as e:
-        raise DonorFailed(f"unreachable ({e!r})") from None
-    try:
-        await wire.send_json(writer, {"step": step, "inner": want_inner}, traffic)
-        header = await wire.recv_json(reader, traffic)
-        if "error" in header:
-            raise DonorFailed(str(header["error"]))
-        nbytes = header.get("nbytes")
-        if not isinstance(nbytes, int) or not 0 < nbytes <= limit:
-            raise DonorFailed(f"announced {nbytes!r} bytes (at most {limit} expected)")
-        if header.get("outer_step") != step:
-            raise DonorFailed(f"sent outer step {header.get('outer_step')!r}, we asked for {step}")
-        blob, got = bytearray(nbytes), 0
-        while got < nbytes:
-            frame = await wire.recv_frame(reader, min(_CHUNK, nbytes - got), traffic)
-            if not frame:
-                raise DonorFailed("sent an empty frame")
-            blob[got : got + len(frame)] = frame
-            got += len(frame)
-            if progress is not None:
-                progress(got, nbytes)
-    except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-        raise DonorFailed(f"the stream broke off ({e!r})") from None
-    finally:
-        await wire.close(writer)
-    state = await asyncio.get_running_loop().run_in_executor(None, deserialize, blob, numel)
-    if state.outer_step != step:
-        raise DonorFailed(f"its state is of outer step {state.outer_step}, not {step}")
-    return state, traffic.received

@@ -1,21 +1,18 @@
-"""Helpers for tests, benchmarks and demos that run several swarm peers on 127.0.0.1 in one process:
-loopback configs with short timeouts, starting peers, running one round on all of them at once,
-and fault hooks (see ``OutgoingPart``) that make a peer misbehave the way hostile peers do."""
+"""Several swarm peers on 127.0.0.1 in one process, for tests and benchmarks: loopback configs with
+short timeouts, starting peers, running one round on all of them at once, the reference mean."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from p2p_trainer.config import SwarmConfig
-from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
-from p2p_trainer.swarm.peer import RoundResult, SwarmPeer
+from p2p_trainer.contracts import RoundResult
+from p2p_trainer.swarm.peer import SwarmPeer
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -60,11 +57,20 @@ def start_peers(
     return peers
 
 
-def announce_step(peers: Sequence[SwarmPeer], step: int, *, tokens: int = 0, timeout: float = 20.0) -> None:
-    """Publish progress at ``step`` on every peer and wait until each one sees all of them there
-    (a training loop does this while it trains, long before the round ends)."""
-    for peer in peers:
-        peer.publish_progress(outer_step=step, tokens=tokens, tokens_per_s=0.0, loss=1.0, params_sha256="")
+def announce_step(
+    peers: Sequence[SwarmPeer],
+    step: int,
+    *,
+    tokens: int = 0,
+    hashes: Sequence[str] = (),
+    timeout: float = 20.0,
+) -> None:
+    """Publish progress at ``step`` on every peer (with the θ hash of ``hashes``, if given) and wait
+    until each one sees all of them there (a training loop does this while it trains, long before
+    the round ends)."""
+    for i, peer in enumerate(peers):
+        sha = hashes[i] if hashes else ""
+        peer.publish_progress(outer_step=step, tokens=tokens, tokens_per_s=0.0, loss=1.0, params_sha256=sha)
     ids = {p.peer_id for p in peers}
     deadline = time.monotonic() + timeout
     for peer in peers:
@@ -108,29 +114,3 @@ def reference_mean(
     for peer_id in order:
         acc.add_(vectors[peer_id] * weights[peer_id])
     return acc.div_(sum(weights[p] for p in order))
-
-
-# ---- fault hooks (they act on every part the peer sends, its own slice included) ----
-def nan_values(part: OutgoingPart) -> OutgoingPart:
-    """Send NaN where the values should be (fp32 layout: raw little-endian float32)."""
-    return replace(part, payload=np.full(part.values.numel(), np.nan, dtype="<f4").tobytes())
-
-
-def wrong_size(part: OutgoingPart) -> OutgoingPart:
-    """Send a part with half the values it should have."""
-    return replace(part, payload=part.payload[: len(part.payload) // 2])
-
-
-def absurd_weight(part: OutgoingPart) -> OutgoingPart:
-    """Claim 1e12 tokens for this round."""
-    return replace(part, weight=1e12)
-
-
-def stall(seconds: float) -> Fault:
-    """Send every part ``seconds`` late."""
-    return lambda part: replace(part, delay_s=seconds)
-
-
-def only(fault: Fault, when: Callable[[OutgoingPart], bool]) -> Fault:
-    """Apply ``fault`` only to the parts for which ``when`` is true."""
-    return lambda part: fault(part) if when(part) else part

@@ -1,0 +1,93 @@
+"""What several layers agree on, defined once: the θ hash, the run fingerprint and its canonical
+form, and the result of one round as the swarm hands it to the training loop and its metrics.
+
+Everything here is plain data and pure functions, so the swarm (which produces round results and
+compares fingerprints), the trainer (which builds the fingerprint and logs the results) and
+`p2p-trainer status` (which shows them) all import it without importing each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from p2p_trainer.config import Config
+
+
+def params_sha256(flat: torch.Tensor) -> str:
+    """Hash of a flat parameter vector as little-endian fp32 bytes: equal hashes mean equal bits."""
+    return hashlib.sha256(flat.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+# ---- the run fingerprint: what every peer of one run must share --------------------------------
+def run_fingerprint(cfg: Config, tokenizer_sha256: str, vocab_size: int) -> dict[str, Any]:
+    """A peer whose fingerprint differs from the swarm's may not join (the swarm names the field)."""
+    return {
+        "run_id": cfg.swarm.run_id,
+        "model": asdict(cfg.model) | {"vocab_size": cfg.model.vocab_size or vocab_size},
+        "tokenizer_sha256": tokenizer_sha256,
+        "codec": cfg.swarm.codec,
+        "data_mix": [[s["name"], float(s.get("weight", 1.0))] for s in cfg.data.sources],
+        "seq_len": cfg.model.seq_len,
+        "round_tokens": cfg.swarm.round_tokens,  # how a round closes (0: fixed H); `status` needs it for ETAs
+    }
+
+
+def canonical_fingerprint(fingerprint: dict) -> str:
+    """The one text form peers publish and compare: sorted keys, no spaces."""
+    return json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint_sha256(fingerprint: dict) -> str:
+    return hashlib.sha256(canonical_fingerprint(fingerprint).encode()).hexdigest()
+
+
+def first_difference(swarm: dict, ours: dict, prefix: str = "") -> str | None:
+    """Name the first (in sorted key order) field where two fingerprints differ."""
+    for key in sorted(set(swarm) | set(ours), key=str):
+        a, b = swarm.get(key, "<missing>"), ours.get(key, "<missing>")
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, path + ".")
+            if found:
+                return found
+        elif a != b:
+            return f"{path}: the swarm has {a!r}, this peer has {b!r}"
+    return None
+
+
+# ---- one round's result ---------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    """A completed all-reduce, as every member of the group saw it."""
+
+    average: torch.Tensor  # Σ w_j Δ_j / Σ w_j, bit-identical on every member of the group
+    group_size: int
+    total_weight: float
+    bytes_sent: int
+    bytes_received: int
+    allreduce_s: float
+    wait_s: float  # time spent finding the group (waiting for partners)
+    excluded: list[str]  # peer ids left out of at least one slice
+    reasons: dict[str, str] = field(default_factory=dict)  # why each was left out
+    members: list[str] = field(default_factory=list)  # the group in its agreed (accumulation) order
+    group_id: str = ""  # the same on every member of the group
+
+    def metrics(self) -> dict[str, Any]:
+        """The fields of the `outer_step` metrics record that describe the round (no tensor)."""
+        return {
+            "group_size": self.group_size,
+            "allreduce_s": self.allreduce_s,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "wait_s": self.wait_s,
+            "excluded": self.excluded,
+            "total_weight": self.total_weight,
+            "members": self.members,
+            "group_id": self.group_id,
+        }

@@ -1,0 +1,121 @@
+"""DiLoCo's outer step as one unit the training loop calls once a round (compare zeroband's
+``Diloco.step`` and torchft's ``DiLoCo._perform_sync``): the pseudo-gradient, the swarm's
+all-reduce, the outer Nesterov step, and the new θ back into every local rank's model. A failed
+round changes nothing. The same object owns the outer state's other ways in and out: adopting a
+downloaded state, the snapshot served to others, and checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from p2p_trainer.diloco import DiLoCo
+from p2p_trainer.inner import InnerLoop
+from p2p_trainer.ranks import LocalRanks
+from p2p_trainer.swarm import SwarmPeer, TrainingState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundReport:
+    """One round as every local rank learns it (no tensor)."""
+
+    applied: bool
+    metrics: dict[str, Any] = field(default_factory=dict)  # RoundResult.metrics() or the failure's timing
+    params_sha256: str = ""  # θ after the round
+    params_finite: bool = True
+    error: str = ""  # why the round failed
+
+
+class OuterSync:
+    """``diloco`` and ``swarm`` exist on the leader only (None on the other ranks)."""
+
+    def __init__(
+        self, ranks: LocalRanks, inner: InnerLoop, diloco: DiLoCo | None, swarm: SwarmPeer | None
+    ) -> None:
+        self.ranks, self.inner, self.diloco, self.swarm = ranks, inner, diloco, swarm
+
+    @property
+    def outer_step(self) -> int:
+        return self.ranks.on_leader(lambda: self.diloco.outer_step)
+
+    def sync(self, outer_step: int, weight: float) -> RoundReport:
+        """Average this round's pseudo-gradient with the swarm (weighted by ``weight`` tokens) and take
+        the outer step; on every rank."""
+        local = self.inner.export_params()  # a collective under FSDP
+        report = self.ranks.on_leader(lambda: self._average_and_apply(outer_step, local, weight))
+        if report.applied:
+            self.copy_to_model()
+        return report
+
+    def _average_and_apply(self, outer_step: int, local: torch.Tensor, weight: float) -> RoundReport:
+        delta = self.diloco.pseudo_gradient(local)
+        started = time.perf_counter()
+        result = self.swarm.all_reduce(outer_step=outer_step, vector=delta, weight=weight)
+        if result is None:
+            elapsed = time.perf_counter() - started
+            return RoundReport(False, {"allreduce_s": elapsed}, error=self.swarm.last_error)
+        self.diloco.apply(result.average)
+        finite = bool(torch.isfinite(self.diloco.master).all())
+        return RoundReport(True, result.metrics(), self.diloco.committed_sha256, finite)
+
+    def copy_to_model(self) -> None:
+        """θ (the leader's master copy) into the possibly sharded model of every rank."""
+        self.inner.import_params(self.diloco.master.detach() if self.ranks.leader else None)
+
+    @property
+    def committed_sha256(self) -> str:
+        """The hash the leader publishes ("" on other ranks and before the first outer step)."""
+        return self.diloco.committed_sha256 if self.diloco is not None else ""
+
+    # ---- the state others download, and a downloaded one ----
+    def snapshot(self, *, with_inner: bool) -> TrainingState:
+        """Leader only: a copy of the state as of now, for serving (training goes on meanwhile)."""
+        diloco = self.diloco.state_dict()  # copies
+        inner = copy.deepcopy(self.inner.optimizer.state_dict()) if with_inner else None
+        return TrainingState(
+            diloco["outer_step"],
+            self.diloco.committed_sha256,
+            diloco["master"],
+            diloco["momentum"],
+            self.inner.step_count,
+            inner,
+        )
+
+    def adopt(self, state: TrainingState | None) -> tuple[int, int]:
+        """On every rank (``state`` is the leader's; others pass None): θ, outer momentum and step,
+        the schedule position and, where it fits, the inner optimizer. (outer step, inner step)."""
+        if self.ranks.leader:
+            self.diloco.load_state_dict(
+                {"master": state.master, "momentum": state.momentum, "outer_step": state.outer_step}
+            )
+        self.copy_to_model()
+        outer_step, inner_step = self.ranks.share((state.outer_step, state.inner_step) if state else None)
+        self.inner.step_count = inner_step
+        if state is not None and state.inner_optimizer is not None and self.ranks.world == 1:
+            try:
+                self.inner.load_state_dict({"optimizer": state.inner_optimizer, "step": inner_step})
+            except (ValueError, KeyError, RuntimeError) as e:
+                logger.warning("the donor's inner optimizer state does not fit (%s): keeping ours", e)
+        return outer_step, inner_step
+
+    # ---- checkpoints ----
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Leader only: the outer and inner state a checkpoint keeps."""
+        inner = self.inner.state_dict() if self.ranks.world == 1 else None
+        return {"diloco": self.diloco.state_dict(), "inner": inner}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """On every rank: continue from a checkpoint's state."""
+        if self.diloco is not None:
+            self.diloco.load_state_dict(saved["diloco"])
+        self.copy_to_model()
+        if saved.get("inner") is not None and self.ranks.world == 1:
+            self.inner.load_state_dict(saved["inner"])

@@ -1,0 +1,90 @@
+"""One round's bookkeeping on one member, and the rules for taking over a lost reducer's slice.
+
+A reducer that is gone (its stream breaks, or it sends nothing within the reply timeout: a crashed
+peer) is left out: the next live reducer in group order takes its slice over. A backup that already
+holds the lost reducer's average for that slice hands out those very bytes; otherwise it reduces the
+slice afresh from the survivors' parts, and only when every live member sent one (a member that
+stays silent may hold the lost reducer's average, and the copies must not differ). A takeover needs
+two live members; with fewer, or a silent one, or a reducer that answers with an error, the round
+fails for everyone who needs that slice. No networking here: the wire protocol asks these rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Union
+
+from p2p_trainer.swarm import wire
+from p2p_trainer.swarm.matchmaking import Group
+from p2p_trainer.swarm.partition import Reply, SliceReduction, error_reply
+
+# what the reducer of a slice gave us: its reply, None once it was found gone, or ("failed", why)
+Answer = Union[Reply, None, tuple[str, str]]
+
+
+@dataclass
+class RoundState:
+    group: Group
+    bounds: list[tuple[int, int]]
+    make_reduction: Callable[[int, bool], SliceReduction]  # (slice index, takeover) -> a started reduction
+    traffic: wire.Traffic = field(default_factory=wire.Traffic)
+    reduction: SliceReduction | None = None  # the slice we reduce, if we are a reducer
+    lost: dict[str, str] = field(default_factory=dict)  # reducers found gone -> why
+    takeovers: dict[int, SliceReduction] = field(default_factory=dict)  # slices of lost reducers we reduce
+    answers: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)
+
+    def answer(self, index: int) -> asyncio.Future[Answer]:
+        """What slice ``index``'s reducer gave us (resolved once we know)."""
+        if index not in self.answers:
+            self.answers[index] = asyncio.get_running_loop().create_future()
+        return self.answers[index]
+
+    def settle(self, index: int, value: Answer) -> None:
+        if not self.answer(index).done():
+            self.answers[index].set_result(value)
+
+    def mark_lost(self, peer_id: str, why: str) -> None:
+        """``peer_id`` will send nothing more this round: stop waiting for its parts anywhere."""
+        if peer_id in self.lost:
+            return
+        self.lost[peer_id] = why
+        for reduction in [self.reduction, *self.takeovers.values()]:
+            if reduction is not None:
+                reduction.exclude(peer_id, f"it is gone ({why})")
+
+    def alive(self) -> list[str]:
+        return [m.peer_id for m in self.group.members if m.peer_id not in self.lost]
+
+    def backup(self, index: int) -> str | None:
+        """The reducer that takes slice ``index`` over: the next live one in group order."""
+        reducers = self.group.reducers
+        for k in range(1, len(reducers)):
+            candidate = reducers[(index + k) % len(reducers)]
+            if candidate not in self.lost:
+                return candidate
+        return None
+
+    def takeover_reduction(self, index: int) -> SliceReduction:
+        """Our reduction of lost slice ``index`` (started on first use), without the lost members."""
+        if index not in self.takeovers:
+            reduction = self.takeovers[index] = self.make_reduction(index, True)
+            for peer_id, why in self.lost.items():
+                reduction.exclude(peer_id, f"it is gone ({why})")
+        return self.takeovers[index]
+
+    def fail_unanswered(self) -> None:
+        """This member's round ended: nobody may wait on its answers any more."""
+        for index in range(len(self.group.reducers)):
+            self.settle(index, ("failed", "this peer's round ended"))
+
+
+def backup_answer(answer: Answer, index: int) -> Reply | None:
+    """As the backup of slice ``index``: the reply to hand out (the lost reducer's own bytes, or its
+    error), or None when the slice must be reduced afresh here (the reducer is gone for us too)."""
+    if answer is None:
+        return None
+    if isinstance(answer[0], dict):
+        return answer
+    return error_reply(f"slice {index} failed here too ({answer[1]})")

@@ -1,0 +1,36 @@
+"""When a round closes, from progress records alone (the pure rules the trainer asks each step)."""
+
+import pytest
+
+from p2p_trainer.swarm.records import ProgressRecord, round_is_late, round_should_close
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def _rec(step: int, tokens: int = 0, speed: float = 0.0, age: float = 0.0) -> ProgressRecord:
+    return ProgressRecord("x", step, tokens, speed, None, "", False, 100.0 - age)
+
+
+def test_token_target_counts_the_others_at_their_speed():
+    close = lambda rest, local: round_should_close(
+        rest, 3, local_tokens=local, target=1000, now=100.0, ttl=30.0
+    )  # noqa: E731
+    assert close({}, 1000) and not close({}, 999)
+    # 300 now + 200 tokens/s for the 2 s since its record = 700 more
+    assert close({"a": _rec(3, 300, 200.0, age=2.0)}, 300)
+    assert not close({"a": _rec(3, 300, 200.0, age=1.0)}, 300)
+    # extrapolation stops at the record's ttl: a dead peer's record does not close rounds forever
+    assert not close({"a": _rec(3, 0, 10.0, age=1e6)}, 500)
+    # records of other steps do not count, unless most of the swarm moved on (we are late)
+    assert not close({"a": _rec(2, 5000)}, 10)
+    assert close({"a": _rec(4), "b": _rec(4), "c": _rec(3)}, 0)
+
+
+def test_fixed_h_late_only_when_the_swarm_moved_on_or_waits_for_us():
+    assert round_is_late({"a": _rec(5), "b": _rec(5)}, 4, catching_up=False)
+    assert not round_is_late({"a": _rec(4, 100, 50.0)}, 4, catching_up=False)
+    # catching up after a download: everyone else at our step finished training it and waits
+    finished = _rec(4, 100, 0.0)
+    assert round_is_late({"a": finished, "b": finished}, 4, catching_up=True)
+    assert not round_is_late({"a": finished, "b": _rec(4, 100, 50.0)}, 4, catching_up=True)
+    assert not round_is_late({}, 4, catching_up=True)
