@@ -54,11 +54,7 @@ class CatchUp:
             )
             self.serve()
             self.swarm.publish_progress(
-                outer_step=new_step,
-                tokens=0,
-                tokens_per_s=0.0,
-                loss=None,
-                params_sha256=self.outer.committed_sha256,
+                outer_step=new_step, tokens=0, tokens_per_s=0.0, loss=None, **self.outer.commitments()
             )
         return new_step
 

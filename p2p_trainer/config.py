@@ -172,6 +172,17 @@ class SwarmConfig:
     round_tokens: int = _f(
         0, "swarm-wide tokens that close a round; 0 = fixed-H mode (every peer does inner.steps_per_round)"
     )
+    aggregation: str = _f(
+        "clip",
+        "how a reducer combines the parts: 'clip' (robust: weights capped at 2x the group's median, each "
+        "part's pull bounded around a robust centre; see docs/security.md) or 'mean' (plain weighted mean)",
+    )
+    aggregation_tau: float = _f(
+        2.0, "clip radius, in median distances of the parts to the robust centre (larger: closer to the mean)"
+    )
+    allreduce_chunk: int = _f(
+        1 << 20, "values per streamed chunk of the all-reduce (the leader's setting holds for its group)"
+    )
     matchmaking_timeout: float = _f(15.0, "seconds to wait for group partners at a round boundary")
     allreduce_timeout: float = _f(30.0, "seconds before a silent group member is left out of the all-reduce")
     join_timeout: float = _f(60.0, "seconds to keep retrying unreachable initial peers (with backoff)")
@@ -205,6 +216,13 @@ class SwarmConfig:
             _positive(f"swarm.{name}", getattr(self, name))
         if self.round_tokens < 0:
             raise ConfigError(f"swarm.round_tokens={self.round_tokens} must be >= 0")
+        if self.aggregation not in ("clip", "mean"):
+            raise ConfigError(f"swarm.aggregation={self.aggregation!r} must be 'clip' or 'mean'")
+        _positive("swarm.aggregation_tau", self.aggregation_tau)
+        if not 1 <= self.allreduce_chunk <= 1 << 26:
+            raise ConfigError(f"swarm.allreduce_chunk={self.allreduce_chunk} must be in [1, 2^26]")
+        if self.target_group_size > 256:
+            raise ConfigError(f"swarm.target_group_size={self.target_group_size} must be <= 256")
 
 
 @dataclass

@@ -24,6 +24,16 @@ def params_sha256(flat: torch.Tensor) -> str:
     return hashlib.sha256(flat.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
+def outer_state_sha256(master: torch.Tensor, momentum: torch.Tensor | None, outer_step: int) -> str:
+    """Hash of what every member of a round holds alike after it: θ, the outer momentum (none
+    before the first outer step) and the outer step. A download is checked against it."""
+    h = hashlib.sha256(f"outer_step={int(outer_step)};momentum={momentum is not None};".encode())
+    h.update(master.detach().float().contiguous().cpu().numpy().tobytes())
+    if momentum is not None:
+        h.update(momentum.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ---- the run fingerprint: what every peer of one run must share --------------------------------
 def run_fingerprint(cfg: Config, tokenizer_sha256: str, vocab_size: int) -> dict[str, Any]:
     """A peer whose fingerprint differs from the swarm's may not join (the swarm names the field)."""
@@ -77,6 +87,7 @@ class RoundResult:
     reasons: dict[str, str] = field(default_factory=dict)  # why each was left out
     members: list[str] = field(default_factory=list)  # the group in its agreed (accumulation) order
     group_id: str = ""  # the same on every member of the group
+    clipped: dict[str, float] = field(default_factory=dict)  # members pulled in by robust aggregation
 
     def metrics(self) -> dict[str, Any]:
         """The fields of the `outer_step` metrics record that describe the round (no tensor)."""
@@ -90,4 +101,5 @@ class RoundResult:
             "total_weight": self.total_weight,
             "members": self.members,
             "group_id": self.group_id,
+            "clipped": self.clipped,
         }

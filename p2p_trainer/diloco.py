@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from p2p_trainer.config import OuterConfig
-from p2p_trainer.contracts import params_sha256
+from p2p_trainer.contracts import outer_state_sha256, params_sha256
 
 __all__ = ["DiLoCo", "params_sha256"]
 
@@ -27,9 +27,9 @@ class DiLoCo:
             foreach=False,
         )
         self.outer_step = 0
-        # hash of θ as of the last outer step or loaded state; "" for a fresh init, which the swarm
-        # must not count as a vote for any θ
-        self.committed_sha256 = ""
+        # hashes of θ (and of θ, momentum and step) as of the last outer step or loaded state; "" for a
+        # fresh init, which the swarm must not count as a vote for any θ
+        self.committed_sha256 = self.committed_state_sha256 = ""
 
     def pseudo_gradient(self, local: torch.Tensor) -> torch.Tensor:
         """Δ = θ − θ_local: the direction the inner steps moved, as a gradient of the outer step."""
@@ -48,7 +48,7 @@ class DiLoCo:
         self.optimizer.step()
         self.master.grad = None
         self.outer_step += 1
-        self.committed_sha256 = self.sha256()
+        self._commit()
         return self.master.detach()
 
     def sha256(self) -> str:
@@ -73,4 +73,8 @@ class DiLoCo:
         self.optimizer.state.clear()
         if state.get("momentum") is not None:
             self.optimizer.state[self.master]["momentum_buffer"] = state["momentum"].clone()
+        self._commit()
+
+    def _commit(self) -> None:
         self.committed_sha256 = self.sha256()
+        self.committed_state_sha256 = outer_state_sha256(self.master, self.momentum(), self.outer_step)

@@ -75,6 +75,14 @@ class OuterSync:
         """The hash the leader publishes ("" on other ranks and before the first outer step)."""
         return self.diloco.committed_sha256 if self.diloco is not None else ""
 
+    def commitments(self) -> dict[str, Any]:
+        """Leader only: what our progress records say of our state (see ``SwarmPeer.publish_progress``)."""
+        return {
+            "params_sha256": self.diloco.committed_sha256,
+            "state_sha256": self.diloco.committed_state_sha256,
+            "inner_step": self.inner.step_count,
+        }
+
     # ---- the state others download, and a downloaded one ----
     def snapshot(self, *, with_inner: bool) -> TrainingState:
         """Leader only: a copy of the state as of now, for serving (training goes on meanwhile)."""
@@ -101,10 +109,30 @@ class OuterSync:
         self.inner.step_count = inner_step
         if state is not None and state.inner_optimizer is not None and self.ranks.world == 1:
             try:
-                self.inner.load_state_dict({"optimizer": state.inner_optimizer, "step": inner_step})
+                self.inner.load_state_dict({"optimizer": self._inner_optimizer(state), "step": inner_step})
             except (ValueError, KeyError, RuntimeError) as e:
                 logger.warning("the donor's inner optimizer state does not fit (%s): keeping ours", e)
         return outer_step, inner_step
+
+    def _inner_optimizer(self, state: TrainingState) -> dict[str, Any]:
+        """The donor's per-parameter AdamW moments, shaped like our parameters, under our own
+        hyperparameters (a donor does not get to set our learning rate)."""
+        ours = self.inner.optimizer.state_dict()
+        params = [p for group in self.inner.optimizer.param_groups for p in group["params"]]
+        moments = state.inner_optimizer["state"]
+        if set(moments) != set(range(len(params))):
+            raise ValueError(f"moments for {len(moments)} parameters, the model has {len(params)}")
+        shaped = {}
+        for i, param in enumerate(params):
+            exp_avg, exp_avg_sq = moments[i]["exp_avg"], moments[i]["exp_avg_sq"]
+            if exp_avg.numel() != param.numel():
+                raise ValueError(f"parameter {i} has {param.numel()} values, its moments {exp_avg.numel()}")
+            shaped[i] = {
+                "step": moments[i]["step"].reshape(()).float(),
+                "exp_avg": exp_avg.view(param.shape),
+                "exp_avg_sq": exp_avg_sq.view(param.shape),
+            }
+        return {"state": shaped, "param_groups": ours["param_groups"]}
 
     # ---- checkpoints ----
     def checkpoint_state(self) -> dict[str, Any]:

@@ -238,13 +238,9 @@ class Trainer:
     def _announce(self, step: int, tokens: int, tokens_per_s: float, loss: float | None) -> None:
         """Leader only (a no-op elsewhere): our progress record."""
         if self.swarm is not None:
-            self.swarm.publish_progress(
-                outer_step=step,
-                tokens=tokens,
-                tokens_per_s=tokens_per_s,
-                loss=loss,
-                params_sha256=self.outer.committed_sha256,
-            )
+            ours = self.outer.commitments()  # our θ and state hashes, our schedule position
+            self.swarm.publish_progress(outer_step=step, tokens=tokens, tokens_per_s=tokens_per_s, loss=loss,
+                                        **ours)  # fmt: skip
 
     def _log_round(self, step: int, stats: RoundStats, report: RoundReport) -> None:
         if report.applied:

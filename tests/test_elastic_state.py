@@ -43,7 +43,7 @@ def donor_swarm():
     tampered = master.clone()
     tampered[7] += 1.0
     liar.publish_state(TrainingState(STEP, sha, tampered, momentum, inner_step=42))
-    st.announce_step(peers, STEP, hashes=[sha, sha, sha, sha, ""])
+    st.announce_step(peers, STEP, hashes=[sha, sha, sha, sha, ""], inner_step=42)
     yield peers, honest
     for peer in peers:
         peer.shutdown()
@@ -57,7 +57,7 @@ def test_download_is_checked_against_the_swarm_hash_and_spreads_over_donors(dono
     # seeds that make each donor come first: the liar, the empty one, each honest one
     firsts = {}
     for seed in range(200):
-        first = donors(records, joiner.peer_id, random.Random(seed))[2][0]
+        first = donors(records, joiner.peer_id, random.Random(seed)).peers[0]
         firsts.setdefault(first, seed)
     assert set(firsts) == {liar.peer_id, empty.peer_id, honest_a.peer_id, honest_b.peer_id}
 
@@ -76,6 +76,43 @@ def test_download_is_checked_against_the_swarm_hash_and_spreads_over_donors(dono
         if first == empty.peer_id:
             assert any(empty.peer_id in f and "no state" in f for f in got.failures), got.failures
     assert used == {honest_a.peer_id, honest_b.peer_id}  # newcomers do not all hammer one donor
+
+
+@pytest.mark.timeout(60)
+def test_a_download_is_checked_as_a_whole_momentum_and_schedule_included():
+    """Donors that serve the agreed θ but another outer momentum, or an implausible schedule
+    position, are refused; the blob is checked against its announced hash before it is parsed."""
+    peers = st.start_peers(4, "elastic-whole")
+    try:
+        momentum_liar, schedule_liar, honest, joiner = peers
+        gen = torch.Generator().manual_seed(5)
+        master, momentum = torch.randn(NUMEL, generator=gen), torch.randn(NUMEL, generator=gen)
+        good = TrainingState(STEP, params_sha256(master), master, momentum, inner_step=40)
+        honest.publish_state(good)
+        momentum_liar.publish_state(
+            TrainingState(STEP, good.params_sha256, master, momentum * 2, inner_step=40)
+        )
+        schedule_liar.publish_state(
+            TrainingState(STEP, good.params_sha256, master, momentum, inner_step=10**9)
+        )
+        sha, state = good.params_sha256, good.state_sha256
+        st.announce_step(
+            peers, STEP, hashes=[sha, sha, sha, ""], state_hashes=[state, state, state, ""], inner_step=40
+        )
+        seen = set()
+        for seed in range(40):
+            got = joiner.download_state(numel=NUMEL, want_inner=False, rng=random.Random(seed))
+            assert got is not None and got.donor == honest.peer_id
+            assert torch.equal(got.state.momentum, momentum) and got.state.inner_step == 40
+            seen |= {f.split(":")[0] for f in got.failures}
+            if seen >= {momentum_liar.peer_id, schedule_liar.peer_id}:
+                break
+        reasons = " ".join(got.failures)
+        assert seen >= {momentum_liar.peer_id, schedule_liar.peer_id}, seen
+        assert "outer momentum or step does not match" in reasons or "schedule position" in reasons
+    finally:
+        for peer in peers:
+            peer.shutdown()
 
 
 @pytest.mark.timeout(60)
@@ -190,5 +227,5 @@ def test_out_of_sync_rules():
     assert agreed_hash({"a": _rec(5, H2), "b": _rec(5, H2), "c": _rec(5, H1)}, 5) == H2
     # donors: full peers at the swarm's step holding the agreed hash
     recs = {"a": _rec(5, H1), "b": _rec(5, H1, client=True), "c": _rec(5, H2), "d": _rec(4, H1)}
-    step, sha, found = donors(recs, "me", random.Random(0))
-    assert (step, sha, found) == (5, H1, ["a"])
+    found = donors(recs, "me", random.Random(0))
+    assert (found.step, found.params_sha256, found.peers) == (5, H1, ["a"])

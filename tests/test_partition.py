@@ -1,4 +1,4 @@
-"""The all-reduce's parts that need no network, each alone: slicing, one slice's reduction
+"""The all-reduce's parts that need no network, each alone: slicing, one slice's chunked reduction
 (validation, fixed summation order, deadline), and the takeover rules of a round."""
 
 import asyncio
@@ -8,133 +8,211 @@ import torch
 
 from p2p_trainer.codec import get_codec
 from p2p_trainer.swarm.matchmaking import Group, Member
-from p2p_trainer.swarm.partition import SliceReduction, slice_bounds
-from p2p_trainer.swarm.takeover import RoundState, backup_answer
+from p2p_trainer.swarm.messages import PartHeader
+from p2p_trainer.swarm.partition import SliceReduction, chunk_bounds, slice_bounds
+from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.testing.swarm import reference_mean
 
 pytestmark = pytest.mark.timeout(30)
 
 CODEC = get_codec("fp32")
+NUMEL = 1000
 
 
-def _group(*members: tuple[str, float, bool]) -> Group:
-    return Group("g1", 3, 1000, tuple(Member(p, w, c) for p, w, c in members))
+def _group(*members: tuple[str, float, bool], chunk: int = NUMEL) -> Group:
+    return Group("0123456789abcdef", 3, NUMEL, chunk, tuple(Member(p, w, c) for p, w, c in members))
 
 
-GROUP = _group(("a", 100.0, False), ("b", 300.0, False), ("c", 50.0, True))
+def _ids(n: int) -> list[str]:
+    return [f"Qm{chr(ord('A') + i) * 44}" for i in range(n)]
 
 
-def test_slices_cover_the_vector_in_near_equal_contiguous_parts():
+A, B, C = _ids(3)
+GROUP = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True))
+WEIGHTS = {A: 100.0, B: 300.0, C: 50.0}
+
+
+def test_slices_and_chunks_cover_the_vector_in_near_equal_contiguous_parts():
     for numel, parts in [(10, 3), (7, 7), (100_003, 4), (5, 8)]:
         bounds = slice_bounds(numel, parts)
         assert bounds[0][0] == 0 and bounds[-1][1] == numel
         assert all(hi == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:], strict=False))
         sizes = [hi - lo for lo, hi in bounds]
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)] and chunk_bounds(0, 4) == [(0, 0)]
 
 
-def _reduce(parts: dict[str, tuple[object, object, torch.Tensor]], *, order, timeout=5.0, takeover=False):
-    """Submit ``parts`` (peer -> (weight, numel, values)) in ``order`` to slice 0 = all 1000 values."""
+def _header(group: Group, weight: float, numel: int = NUMEL) -> PartHeader:
+    return PartHeader(group_id=group.group_id, group_digest=group.digest, slice=0, weight=weight, numel=numel)
+
+
+def _reduce(parts, *, order, group=GROUP, timeout=5.0, takeover=False, aggregation="mean", corrupt=None):
+    """Stream ``parts`` (peer -> (weight, numel, values)) into slice 0 (all NUMEL values), chunk by
+    chunk, members interleaved in ``order``; the trailer, the decoded average and who was excluded."""
 
     async def scenario():
         reduction = SliceReduction(
-            GROUP, 0, (0, 1000), codec=CODEC, timeout=timeout, max_weight=1e9, takeover=takeover
+            group,
+            0,
+            (0, NUMEL),
+            codec=CODEC,
+            timeout=timeout,
+            max_weight=1e9,
+            aggregation_mode=aggregation,
+            takeover=takeover,
         )
-        task = asyncio.create_task(reduction.reduce())
+        task = asyncio.create_task(reduction.run())
+        streaming = []
         for peer in order:
-            weight, numel, values = parts[peer]
-            await reduction.submit(peer, weight, numel, CODEC.encode(values))
+            weight, numel, _ = parts[peer]
+            bad = reduction.check(peer, _header(group, weight, numel))
+            if bad is None:
+                reduction.start(peer)
+                streaming.append(peer)
+            else:
+                reduction.exclude(peer, bad)
+        for c, (lo, hi) in enumerate(reduction.chunks):  # chunk c from everyone, in arrival order
+            for peer in streaming:
+                payload = CODEC.encode(parts[peer][2][lo:hi])
+                if corrupt and peer == corrupt[0] and c == corrupt[1]:
+                    payload = payload[:-4]
+                reduction.submit(peer, c, payload)
+                await asyncio.sleep(0)
         await task
-        header, payload = reduction.result.result()
-        return header, (CODEC.decode(payload, 1000) if payload else None), reduction.excluded
+        if reduction.trailer.exception() is not None:
+            return reduction.trailer.exception(), None, reduction.excluded
+        average = torch.cat(
+            [
+                CODEC.decode(f.result(), hi - lo)
+                for f, (lo, hi) in zip(reduction.replies, reduction.chunks, strict=True)
+            ]
+        )
+        return reduction.trailer.result(), average, reduction.excluded
 
     return asyncio.run(scenario())
 
 
 def _vectors(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {p: torch.randn(1000, generator=gen) for p in "abc"}
+    return {p: torch.randn(NUMEL, generator=gen) for p in (A, B, C)}
 
 
-def test_the_sum_follows_group_order_not_arrival_order():
+@pytest.mark.parametrize("chunk", [NUMEL, 300, 1])
+def test_the_sum_follows_group_order_not_arrival_order(chunk):
+    group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=chunk)
     vec = _vectors()
-    weights = {m.peer_id: m.weight for m in GROUP.members}
-    parts = {p: (weights[p], 1000, vec[p]) for p in "abc"}
-    expected = reference_mean(vec, weights, ["a", "b", "c"])
-    for order in (["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"]):
-        header, average, excluded = _reduce(parts, order=order)
+    parts = {p: (WEIGHTS[p], NUMEL, vec[p]) for p in (A, B, C)}
+    expected = reference_mean(vec, WEIGHTS, [A, B, C])
+    for order in ([A, B, C], [C, B, A], [B, C, A]):
+        trailer, average, excluded = _reduce(parts, order=order, group=group)
         assert torch.equal(average, expected), order
-        assert header["total_weight"] == 450.0 and header["included"] == 3 and excluded == {}
+        assert trailer.total_weight == 450.0 and trailer.included == 3 and excluded == {}
 
 
 @pytest.mark.parametrize(
     "bad, reason",
-    [
-        ((300.0, 1000), "differs from the 100 it declared"),  # a weight other than the one it joined with
-        ((100.0, 999), "part of 999 values"),
-        (("100", 1000), "is not a number"),
-        ((float("nan"), 1000), "not a positive finite number"),
-    ],
+    [((300.0, NUMEL), "differs from the 100 it declared"), ((100.0, 999), "part of 999 values")],
 )
-def test_a_bad_part_is_left_out_with_its_reason(bad, reason):
+def test_a_bad_header_is_left_out_with_its_reason(bad, reason):
     vec = _vectors(1)
-    parts = {"a": (*bad, vec["a"]), "b": (300.0, 1000, vec["b"]), "c": (50.0, 1000, vec["c"])}
-    header, average, excluded = _reduce(parts, order=["a", "b", "c"])
-    assert set(excluded) == {"a"} and reason in excluded["a"], excluded
-    assert torch.equal(average, reference_mean(vec, {"b": 300.0, "c": 50.0}, ["b", "c"]))
-    assert header["total_weight"] == 350.0
+    parts = {A: (*bad, vec[A]), B: (300.0, NUMEL, vec[B]), C: (50.0, NUMEL, vec[C])}
+    trailer, average, excluded = _reduce(parts, order=[A, B, C])
+    assert set(excluded) == {A} and reason in excluded[A], excluded
+    assert torch.equal(average, reference_mean(vec, {B: 300.0, C: 50.0}, [B, C]))
+    assert trailer.total_weight == 350.0
+
+
+def test_a_malformed_chunk_leaves_its_sender_out_of_the_rest_of_the_slice():
+    group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=250)
+    vec = _vectors(4)
+    parts = {p: (WEIGHTS[p], NUMEL, vec[p]) for p in (A, B, C)}
+    trailer, average, excluded = _reduce(parts, order=[A, B, C], group=group, corrupt=(C, 2))
+    assert set(excluded) == {C} and "malformed part" in excluded[C]
+    full, partial = reference_mean(vec, WEIGHTS, [A, B, C]), reference_mean(vec, {A: 100.0, B: 300.0}, [A, B])
+    assert torch.equal(average[:500], full[:500]) and torch.equal(average[500:], partial[500:])
+    assert trailer.total_weight == 400.0  # the smallest over the chunks
 
 
 def test_a_stranger_cannot_submit_and_a_silent_member_is_left_out_at_the_deadline():
     vec = _vectors(2)
-    parts = {"a": (100.0, 1000, vec["a"]), "b": (300.0, 1000, vec["b"]), "z": (1.0, 1000, vec["c"])}
-    header, average, excluded = _reduce(parts, order=["z", "a", "b"], timeout=0.5)
-    assert set(excluded) == {"c"} and "sent nothing within" in excluded["c"]
-    assert torch.equal(average, reference_mean(vec, {"a": 100.0, "b": 300.0}, ["a", "b"]))
+    stranger = _ids(4)[3]
+    parts = {A: (100.0, NUMEL, vec[A]), B: (300.0, NUMEL, vec[B]), stranger: (1.0, NUMEL, vec[C])}
+    trailer, average, excluded = _reduce(parts, order=[stranger, A, B], timeout=0.5)
+    assert set(excluded) == {C} and "sent nothing within" in excluded[C]  # the stranger never counted
+    assert torch.equal(average, reference_mean(vec, {A: 100.0, B: 300.0}, [A, B]))
 
 
 def test_a_takeover_with_a_silent_member_fails_instead_of_guessing():
     vec = _vectors(3)
-    parts = {"a": (100.0, 1000, vec["a"]), "b": (300.0, 1000, vec["b"])}
-    header, average, _ = _reduce(parts, order=["a", "b"], timeout=0.5, takeover=True)
-    assert (
-        average is None
-        and "cannot be taken over" in header["error"]
-        and "c did not take part" in header["error"]
-    )
+    parts = {A: (100.0, NUMEL, vec[A]), B: (300.0, NUMEL, vec[B])}
+    error, average, _ = _reduce(parts, order=[A, B], timeout=0.5, takeover=True)
+    assert average is None and "cannot be taken over" in str(error) and f"{C} did not take part" in str(error)
+
+
+def test_robust_aggregation_is_the_exact_mean_when_nobody_strays():
+    vec = _vectors(5)
+    parts = {p: (100.0, NUMEL, vec[p]) for p in (A, B, C)}  # equal weights: no cap applies
+    group = _group((A, 100.0, False), (B, 100.0, False), (C, 100.0, True))
+    trailer, average, _ = _reduce(parts, order=[A, B, C], group=group, aggregation="clip")
+    assert torch.equal(average, reference_mean(vec, {A: 100.0, B: 100.0, C: 100.0}, [A, B, C]))
+    assert trailer.clipped == {}
+
+
+def test_robust_aggregation_bounds_a_huge_part_and_a_huge_weight():
+    vec = _vectors(6)
+    honest = reference_mean(vec, {A: 100.0, B: 100.0}, [A, B])
+    attacked = {A: (100.0, NUMEL, vec[A]), B: (100.0, NUMEL, vec[B]), C: (100.0, NUMEL, vec[C] * -1e6)}
+    group = _group((A, 100.0, False), (B, 100.0, False), (C, 1e8, True))
+    parts = {**attacked, C: (1e8, NUMEL, vec[C] * -1e6)}
+    for agg in ("mean", "clip"):
+        trailer, average, _ = _reduce(parts, order=[A, B, C], group=group, aggregation=agg)
+        err = float((average - honest).norm() / honest.norm())
+        if agg == "mean":
+            assert err > 1e5  # the plain mean is wherever the liar wants it
+        else:
+            # the liar's weight counts 2x the median (200 of 400) and its part only up to the clip radius
+            assert err < 3.0 and C in trailer.clipped and trailer.total_weight == 400.0
 
 
 def test_takeover_rules():
-    group = _group(("a", 1.0, False), ("b", 1.0, False), ("d", 1.0, False), ("c", 1.0, True))
+    D = _ids(4)[3]
+    group = _group((A, 1.0, False), (B, 1.0, False), (D, 1.0, False), (C, 1.0, True))
 
     async def scenario():
         made = []
 
-        def make(index, takeover):
-            made.append((index, takeover))
+        def make(index, first):
+            made.append((index, first))
             return SliceReduction(
-                group, index, (0, 10), codec=CODEC, timeout=5.0, max_weight=1e9, takeover=takeover
+                group,
+                index,
+                (0, 10),
+                codec=CODEC,
+                timeout=5.0,
+                max_weight=1e9,
+                takeover=True,
+                first_chunk=first,
             )
 
         state = RoundState(group, slice_bounds(30, 3), make)
-        state.reduction = make(2, False)  # we are "d", reducer of slice 2
-        assert state.backup(0) == "b" and state.backup(2) == "a"
-        state.mark_lost("b", "reset")
-        assert state.backup(0) == "d" and state.alive() == ["a", "d", "c"]
-        assert state.reduction.excluded == {"b": "it is gone (reset)"}
-        takeover = state.takeover_reduction(1)
-        assert takeover is state.takeover_reduction(1) and made == [(2, False), (1, True)]
-        assert "b" in takeover.excluded  # a lost member is never waited for
-        state.mark_lost("a", "timeout")
-        assert state.backup(1) == "d" and state.backup(2) is None
-        state.settle(0, None)
-        state.settle(0, ({"total_weight": 1.0}, b"x"))  # the first answer stands
-        assert state.answer(0).result() is None
+        state.reduction = SliceReduction(
+            group, 2, (0, 10), codec=CODEC, timeout=5.0, max_weight=1e9
+        )  # we are D
+        assert state.backup(0) == B and state.backup(2) == A
+        state.mark_lost(B, "reset")
+        assert state.backup(0) == D and state.alive() == [A, D, C]
+        assert state.reduction.excluded == {B: "it is gone (reset)"}
+        takeover = state.takeover_reduction(1, 0)
+        assert takeover is state.takeover_reduction(1, 0) and made == [(1, 0)]
+        assert B in takeover.excluded  # a lost member is never waited for
+        state.mark_lost(A, "timeout")
+        assert state.backup(1) == D and state.backup(2) is None
+        state.settle(0, SliceAnswer(gone=True))
+        state.settle(0, SliceAnswer(chunks=[b"x"]))  # the first answer stands
+        assert state.answer(0).result().gone
         state.fail_unanswered()
-        assert state.answer(1).result()[0] == "failed"
+        assert state.answer(1).result().error
 
     asyncio.run(scenario())
-    assert backup_answer(None, 3) is None  # gone for the backup too: reduce afresh
-    reply = ({"total_weight": 2.0}, b"bytes")
-    assert backup_answer(reply, 3) is reply  # hand out the lost reducer's very bytes
-    assert "failed here too" in backup_answer(("failed", "boom"), 3)[0]["error"]
+    assert backup_plan(SliceAnswer(chunks=[b"a", b"b"], gone=True), 3) == ([b"a", b"b"], "")
+    assert "failed here too" in backup_plan(SliceAnswer(error="boom"), 3)[1]

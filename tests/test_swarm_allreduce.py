@@ -32,6 +32,7 @@ def peers():
         matchmaking_timeout=MATCHMAKING_TIMEOUT,
         allreduce_timeout=ALLREDUCE_TIMEOUT,
         round_tokens=ROUND_TOKENS,
+        aggregation="mean",  # this module checks the plain weighted mean bit for bit
     )
     yield swarm
     for peer in swarm:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -20,15 +21,15 @@ from dataclasses import dataclass
 from hivemind.p2p import P2P, PeerID
 
 from p2p_trainer.contracts import params_sha256
-from p2p_trainer.swarm import wire
+from p2p_trainer.swarm import state_format, wire
+from p2p_trainer.swarm.messages import StateHeader, StateRefusal, StateRequest
 from p2p_trainer.swarm.progress import ProgressBoard
-from p2p_trainer.swarm.records import donors
+from p2p_trainer.swarm.records import Donors, donors
 from p2p_trainer.swarm.state import (
     CHUNK_BYTES,
     DonorFailed,
     Download,
     TrainingState,
-    deserialize,
     handler_name,
 )
 
@@ -56,20 +57,24 @@ class Downloader:
             if attempt:
                 await asyncio.sleep(1.0)
             records = await self.board.read(max_age=0.0)
-            step, sha, candidates = donors(records, self.peer_id, rng)
-            if not candidates:
+            wanted = donors(records, self.peer_id, rng)
+            if not wanted.peers:
                 failures.append(
-                    "no full peer holds the swarm's agreed state" if step >= 0 else "no other peer"
+                    "no full peer holds the swarm's agreed state" if wanted.step >= 0 else "no other peer"
                 )
                 continue
-            await self._announce_joining(step)
-            holders = sum(1 for r in records.values() if r.outer_step == step and r.params_sha256 == sha)
-            for donor in candidates:
+            await self._announce_joining(wanted.step)
+            holders = sum(
+                1
+                for r in records.values()
+                if r.outer_step == wanted.step and r.params_sha256 == wanted.params_sha256
+            )
+            for donor in wanted.peers:
                 started = time.monotonic()
                 try:
-                    with _progress_bar(progress, step) as show:
+                    with _progress_bar(progress, wanted.step) as show:
                         state, nbytes = await asyncio.wait_for(
-                            self._fetch_verified(donor, step, sha, holders, numel, want_inner, show),
+                            self._fetch_verified(donor, wanted, holders, numel, want_inner, show),
                             self.timeout,
                         )
                 except asyncio.TimeoutError:
@@ -82,24 +87,40 @@ class Downloader:
                     continue
                 seconds = time.monotonic() - started
                 logger.info(
-                    f"downloaded the state of outer step {step} from {donor} ({nbytes / 2**20:.1f} MiB in "
-                    f"{seconds:.1f}s); θ matches the hash {sha[:12]} that {holders} live peer(s) published"
+                    f"downloaded the state of outer step {wanted.step} from {donor} "
+                    f"({nbytes / 2**20:.1f} MiB in {seconds:.1f}s); θ matches the hash "
+                    f"{wanted.params_sha256[:12]} that {holders} live "
+                    "peer(s) published"
                 )
                 return Download(state, donor, nbytes, seconds, failures)
         logger.warning(f"could not download the swarm's state: {'; '.join(failures[-4:])}")
         return None
 
     async def _fetch_verified(
-        self, donor: str, step: int, sha: str, holders: int, numel: int, want_inner: bool, show: Progress
+        self, donor: str, wanted: Donors, holders: int, numel: int, want_inner: bool, show: Progress
     ) -> tuple[TrainingState, int]:
+        """The donor's state, checked as a whole against what the swarm published for that step."""
+        step = wanted.step
         state, nbytes = await fetch(
             self.p2p, self.run_id, donor, step, numel=numel, want_inner=want_inner, progress=show
         )
-        actual = await asyncio.get_running_loop().run_in_executor(None, params_sha256, state.master)
-        if actual != sha:
+        loop = asyncio.get_running_loop()
+        actual = await loop.run_in_executor(None, params_sha256, state.master)
+        if actual != wanted.params_sha256:
             raise DonorFailed(
-                f"its θ hashes to {actual[:12]}, but {holders} live peer(s) published {sha[:12]} "
-                f"for outer step {step}"
+                f"its θ hashes to {actual[:12]}, but {holders} live peer(s) published "
+                f"{wanted.params_sha256[:12]} for outer step {step}"
+            )
+        if wanted.state_sha256:
+            actual = await loop.run_in_executor(None, lambda: state.state_sha256)
+            if actual != wanted.state_sha256:
+                raise DonorFailed(
+                    "its outer momentum or step does not match the state hash the swarm published"
+                )
+        lo, hi = wanted.inner_steps
+        if not lo <= state.inner_step <= hi:
+            raise DonorFailed(
+                f"its schedule position {state.inner_step} is outside the published [{lo}, {hi}]"
             )
         return state, nbytes
 
@@ -144,9 +165,13 @@ async def fetch(
     want_inner: bool,
     progress: Progress | None = None,
 ) -> tuple[TrainingState, int]:
-    """Ask ``donor`` for its state of outer ``step``; (state, bytes received). Raises DonorFailed."""
+    """Ask ``donor`` for its state of outer ``step``; (state, bytes received). Raises DonorFailed.
+    The size is checked before anything is allocated, the bytes against the donor's own hash
+    before they are parsed."""
     traffic = wire.Traffic()
-    limit = 4 * numel * (4 if want_inner else 2) + (16 << 20)  # θ, momentum (+ AdamW moments), slack
+    limit = (
+        4 * numel * (4 if want_inner else 2) + state_format.MAX_HEADER + (1 << 20)
+    )  # θ, momentum (+ moments)
     try:
         _, reader, writer = await p2p.call_binary_stream_handler(
             PeerID.from_base58(donor), handler_name(run_id)
@@ -154,29 +179,34 @@ async def fetch(
     except Exception as e:
         raise DonorFailed(f"unreachable ({e!r})") from None
     try:
-        await wire.send_json(writer, {"step": step, "inner": want_inner}, traffic)
-        header = await wire.recv_json(reader, traffic)
-        if "error" in header:
-            raise DonorFailed(str(header["error"]))
-        nbytes = header.get("nbytes")
-        if not isinstance(nbytes, int) or not 0 < nbytes <= limit:
-            raise DonorFailed(f"announced {nbytes!r} bytes (at most {limit} expected)")
-        if header.get("outer_step") != step:
-            raise DonorFailed(f"sent outer step {header.get('outer_step')!r}, we asked for {step}")
-        blob, got = bytearray(nbytes), 0
-        while got < nbytes:
-            frame = await wire.recv_frame(reader, min(CHUNK_BYTES, nbytes - got), traffic)
+        await wire.send_message(writer, StateRequest(step=step, inner=want_inner), traffic)
+        header = await wire.recv_message(reader, (StateHeader, StateRefusal), traffic)
+        if isinstance(header, StateRefusal):
+            raise DonorFailed(header.error)
+        if header.nbytes > limit:
+            raise DonorFailed(f"announced {header.nbytes} bytes (at most {limit} expected)")
+        if header.outer_step != step:
+            raise DonorFailed(f"sent outer step {header.outer_step}, we asked for {step}")
+        blob, got = bytearray(header.nbytes), 0
+        while got < header.nbytes:
+            frame = await wire.recv_frame(reader, min(CHUNK_BYTES, header.nbytes - got), traffic)
             if not frame:
                 raise DonorFailed("sent an empty frame")
             blob[got : got + len(frame)] = frame
             got += len(frame)
             if progress is not None:
-                progress(got, nbytes)
+                progress(got, header.nbytes)
     except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
         raise DonorFailed(f"the stream broke off ({e!r})") from None
     finally:
         await wire.close(writer)
-    state = await asyncio.get_running_loop().run_in_executor(None, deserialize, blob, numel)
-    if state.outer_step != step:
+    loop = asyncio.get_running_loop()
+    if await loop.run_in_executor(None, lambda: hashlib.sha256(blob).hexdigest()) != header.blob_sha256:
+        raise DonorFailed("its bytes do not match the hash it announced")
+    try:
+        state = await loop.run_in_executor(None, TrainingState.from_bytes, blob, numel)
+    except state_format.StateFormatError as e:
+        raise DonorFailed(f"malformed state: {e}") from None
+    if state.outer_step != step or state.params_sha256 != header.params_sha256:
         raise DonorFailed(f"its state is of outer step {state.outer_step}, not {step}")
     return state, traffic.received

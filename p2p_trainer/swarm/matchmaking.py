@@ -1,12 +1,19 @@
 """Group formation for one round: every member must end up with the same ordered member list.
 
 The leader of outer step ``s`` is the full (non-client) peer with the smallest peer id among the
-live progress records at step ``s`` (and ourselves). Members send it a join request over a
-stream they open; it waits until every live peer at step ``s`` has joined (or the group reached
+live progress records at step ``s`` (and ourselves). Members send it a join request over a stream
+they open; it waits until every live peer at step ``s`` has joined (or the group reached
 ``target_group_size``, or ``matchmaking_timeout`` passed), freezes the group and sends every member
 the same list. A leader that learns of a smaller full peer redirects its joiners there; redirects
-only ever go to smaller ids, so they cannot loop. An unreachable leader is skipped (the joiner
-tells the next candidate whom it skipped, so both agree on who leads).
+only ever go to smaller ids, so they cannot loop.
+
+Joiners are untrusted. A leader leads only a step it is at itself, admits only peers whose live,
+signed progress record says they are at that step and in that mode, keeps one lobby per (step,
+vector size) for joiners of its own run (the fingerprint hash must match), freezes a group only
+once the swarm (the median record) has reached that step, and believes a claim that another
+leader was skipped only when it saw that leader fail too. A leader that does not answer within
+the matchmaking timeout is remembered and skipped for ``_SKIP_ROUNDS`` rounds, so a stalling or
+squatting peer costs the others at most one round.
 """
 
 from __future__ import annotations
@@ -23,16 +30,19 @@ from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 
-from p2p_trainer.swarm import wire
+from p2p_trainer.swarm import messages, wire
 from p2p_trainer.swarm.errors import RoundFailed
+from p2p_trainer.swarm.messages import GroupInfo, JoinReply, JoinRequest, MemberInfo, ProtocolError
 from p2p_trainer.swarm.progress import ProgressBoard
-from p2p_trainer.swarm.records import ProgressRecord
+from p2p_trainer.swarm.records import ProgressRecord, Records, swarm_outer_step
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.25
 _GRACE_S = 2.0  # a member waits this much longer than the leader, so the leader's answer is never late
 _MAX_REDIRECTS = 8
+_SKIP_ROUNDS = 10  # rounds a leader that stalled or was unreachable is skipped
+_MAX_LOBBIES = 4
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class Group:
     group_id: str
     outer_step: int
     numel: int
+    chunk: int  # values per streamed chunk of the all-reduce (the leader's setting)
     members: tuple[Member, ...]  # the agreed order: full peers by id, then client peers by id
 
     @property
@@ -59,23 +70,31 @@ class Group:
     @property
     def digest(self) -> str:
         """Members compare this, so a leader that sent conflicting lists is caught."""
-        return hashlib.sha256(json.dumps(self.to_wire(), sort_keys=True).encode()).hexdigest()[:32]
+        wire_form = self.to_info().model_dump(mode="json")
+        return hashlib.sha256(json.dumps(wire_form, sort_keys=True).encode()).hexdigest()[:32]
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "group_id": self.group_id,
-            "outer_step": self.outer_step,
-            "numel": self.numel,
-            "members": [[m.peer_id, m.weight, m.client_mode] for m in self.members],
-        }
+    def to_info(self) -> GroupInfo:
+        members = [
+            MemberInfo(peer_id=m.peer_id, weight=m.weight, client_mode=m.client_mode) for m in self.members
+        ]
+        return GroupInfo(
+            group_id=self.group_id,
+            outer_step=self.outer_step,
+            numel=self.numel,
+            chunk=self.chunk,
+            members=members,
+        )
 
     @classmethod
-    def from_wire(cls, value: Any) -> Group:
-        try:
-            members = tuple(Member(str(p), float(w), bool(c)) for p, w, c in value["members"])
-            return cls(str(value["group_id"]), int(value["outer_step"]), int(value["numel"]), members)
-        except (KeyError, TypeError, ValueError) as e:
-            raise RoundFailed(f"the leader sent a malformed group: {e!r}") from None
+    def from_info(cls, info: GroupInfo) -> Group:
+        members = tuple(Member(m.peer_id, m.weight, m.client_mode) for m in info.members)
+        if len({m.peer_id for m in members}) != len(members):
+            raise ProtocolError("the group lists a member twice")
+        if list(members) != sorted(members, key=lambda m: (m.client_mode, m.peer_id)):
+            raise ProtocolError("the group's members are not in the agreed order")
+        if all(m.client_mode for m in members):
+            raise ProtocolError("the group has no full member to reduce")
+        return cls(info.group_id, info.outer_step, info.numel, info.chunk, members)
 
 
 def check_weight(weight: Any, max_weight: float) -> str | None:
@@ -90,7 +109,7 @@ def check_weight(weight: Any, max_weight: float) -> str | None:
 
 
 class _Lobby:
-    """The leader's state for one outer step."""
+    """The leader's state for one (outer step, vector size)."""
 
     def __init__(self, step: int, numel: int, timeout: float) -> None:
         self.step, self.numel = step, numel
@@ -99,7 +118,7 @@ class _Lobby:
         self.joined: dict[str, Member] = {}
         self.skipped: set[str] = set()
         self.changed = asyncio.Event()
-        self.outcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.outcome: asyncio.Future[JoinReply] = asyncio.get_running_loop().create_future()
         self.frozen_at = math.inf
 
 
@@ -112,32 +131,42 @@ class Matchmaker:
         run_id: str,
         peer_id: str,
         client_mode: bool,
+        fingerprint_sha256: str,
         timeout: float,
         target_group_size: int,
         min_group_size: int,
         max_weight: float,
+        chunk: int,
     ) -> None:
         self._p2p, self._board = p2p, board
         self._handler = f"p2p_trainer.{run_id}.join"
-        self.peer_id, self.client_mode = peer_id, client_mode
-        self.timeout, self.max_weight = timeout, max_weight
+        self.peer_id, self.client_mode, self.fingerprint = peer_id, client_mode, fingerprint_sha256
+        self.timeout, self.max_weight, self.chunk = timeout, max_weight, chunk
         self.target_group_size, self.min_group_size = target_group_size, min_group_size
-        self._lobbies: dict[int, _Lobby] = {}
+        self._lobbies: dict[tuple[int, int], _Lobby] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._skip_until: dict[str, int] = {}  # leader -> first outer step at which we ask it again
 
     async def start(self) -> None:
         if not self.client_mode:  # client peers never lead, so they accept no join requests
             await self._p2p.add_binary_stream_handler(self._handler, self._handle_join)
 
     # ---- member side ----
+    def _skipped_at(self, step: int) -> set[str]:
+        return {pid for pid, until in self._skip_until.items() if step < until}
+
+    def _skip(self, leader: str, step: int, why: str) -> None:
+        logger.warning(f"round {step}: skipping leader {leader} for {_SKIP_ROUNDS} rounds: {why}")
+        self._skip_until[leader] = step + _SKIP_ROUNDS
+
     async def form_group(self, step: int, weight: float, numel: int) -> Group:
         """Join this step's group; raise RoundFailed with the reason when there is none for us."""
         deadline = time.monotonic() + self.timeout + _GRACE_S
         me = Member(self.peer_id, float(weight), self.client_mode)
-        skipped: set[str] = set()
         hint: str | None = None
         for attempt in range(_MAX_REDIRECTS + 8):
             records = await self._board.read(max_age=0.5 if attempt else 0.0)
+            skipped = self._skipped_at(step)
             leader = hint or self._choose_leader(records, step, skipped)
             hint = None
             if leader is None:
@@ -145,56 +174,87 @@ class Matchmaker:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            request = JoinRequest(
+                step=step,
+                weight=me.weight,
+                client_mode=me.client_mode,
+                numel=numel,
+                fingerprint=self.fingerprint,
+                skipped=sorted(skipped)[:64],
+            )
             if leader == self.peer_id:
                 try:
-                    reply = await asyncio.wait_for(self._admit(me, step, numel, skipped), left)
+                    reply = await asyncio.wait_for(self._admit(me, request), left)
                 except asyncio.TimeoutError:
                     break
             else:
                 try:
-                    reply = await asyncio.wait_for(self._ask(leader, me, step, numel, skipped), left)
+                    reply = await asyncio.wait_for(self._ask(leader, request), left)
                 except asyncio.TimeoutError:
+                    self._skip(leader, step, f"no answer within {self.timeout + _GRACE_S:.0f}s")
                     raise RoundFailed(
                         f"leader {leader} did not answer within {self.timeout + _GRACE_S:.0f}s"
                     ) from None
-                except Exception as e:  # unreachable, refused, reset: try the next candidate
-                    logger.warning(
-                        f"round {step}: leader {leader} is unreachable ({e!r}); trying the next candidate"
-                    )
-                    skipped.add(leader)
+                except ProtocolError as e:
+                    self._skip(leader, step, f"it answered outside the protocol ({e})")
                     continue
-            if "group" in reply:
-                group = Group.from_wire(reply["group"])
+                except Exception as e:  # unreachable, refused, reset: try the next candidate
+                    self._skip(leader, step, f"unreachable ({e!r})")
+                    continue
+            if reply.group is not None:
+                try:
+                    group = Group.from_info(reply.group)
+                except ProtocolError as e:
+                    self._skip(leader, step, f"it sent a malformed group ({e})")
+                    raise RoundFailed(f"leader {leader} sent a malformed group: {e}") from None
                 if group.outer_step != step or group.numel != numel or group.member(self.peer_id) != me:
+                    self._skip(leader, step, "it sent a group that does not match our request")
                     raise RoundFailed(f"leader {leader} sent a group that does not match our request")
                 return group
-            if "redirect" in reply:
-                hint = str(reply["redirect"])
-                if hint in skipped or hint == leader:
-                    raise RoundFailed(f"leader {leader} redirected us to {hint}, which is unreachable")
+            if reply.redirect is not None:
+                hint = reply.redirect
+                bad = self._bad_redirect(records, step, leader, hint)
+                if bad:
+                    if hint in skipped and leader != self.peer_id:
+                        await asyncio.sleep(min(_POLL_S * 4, max(deadline - time.monotonic(), 0)))
+                        hint = None  # the leader has not seen ours fail (yet): ask again
+                        continue
+                    raise RoundFailed(f"leader {leader} redirected us to {reply.redirect}: {bad}")
                 logger.info(f"round {step}: {leader} redirects us to leader {hint}")
                 continue
-            raise RoundFailed(str(reply.get("error", f"leader {leader} sent an unreadable answer")))
+            raise RoundFailed(reply.error)
         raise RoundFailed(
             f"could not find a group for outer step {step} within {self.timeout + _GRACE_S:.0f}s"
         )
 
-    def _choose_leader(self, records: dict[str, ProgressRecord], step: int, skipped: set[str]) -> str | None:
+    def _bad_redirect(self, records: Records, step: int, leader: str, to: str) -> str | None:
+        """A redirect goes to a smaller full peer at this step that we have not skipped; else why not."""
+        if to in self._skipped_at(step) or to == leader:
+            return "a peer we skipped" if to != leader else "itself"
+        record = records.get(to)
+        if to != self.peer_id and (record is None or record.outer_step != step or record.client_mode):
+            return "not a full peer at this outer step"
+        if to > leader:
+            return "not a smaller peer id"
+        return None
+
+    def _choose_leader(self, records: Records, step: int, skipped: set[str]) -> str | None:
         candidates = {pid for pid, r in records.items() if r.outer_step == step and not r.client_mode}
         if not self.client_mode:
             candidates.add(self.peer_id)
         candidates -= skipped
         return min(candidates) if candidates else None
 
-    async def _ask(self, leader: str, me: Member, step: int, numel: int, skipped: set[str]) -> dict[str, Any]:
+    async def _ask(self, leader: str, request: JoinRequest) -> JoinReply:
         traffic = wire.Traffic()
         _, reader, writer = await self._p2p.call_binary_stream_handler(
             PeerID.from_base58(leader), self._handler
         )
         try:
-            request = {"step": step, "weight": me.weight, "client_mode": me.client_mode, "numel": numel}
-            await wire.send_json(writer, {**request, "skipped": sorted(skipped)}, traffic)
-            return await wire.recv_json(reader, traffic)
+            await wire.send_message(writer, request, traffic)
+            return messages.parse(
+                JoinReply, await wire.recv_frame(reader, messages.MAX_HEADER_BYTES, traffic)
+            )
         finally:
             await wire.close(writer)
 
@@ -204,69 +264,110 @@ class Matchmaker:
     ) -> None:
         traffic, sender = wire.Traffic(), info.peer_id.to_base58()
         try:
-            req = await asyncio.wait_for(wire.recv_json(reader, traffic), timeout=5.0)
+            raw = await asyncio.wait_for(
+                wire.recv_frame(reader, messages.MAX_HEADER_BYTES, traffic), timeout=5.0
+            )
             try:
-                step, numel = int(req["step"]), int(req["numel"])
-                member = Member(sender, req["weight"], bool(req["client_mode"]))
-                skipped = {str(p) for p in req.get("skipped", [])}
-            except (KeyError, TypeError, ValueError):
-                await wire.send_json(writer, {"error": "malformed join request"}, traffic)
-                return
-            reply = await self._admit(member, step, numel, skipped)
-            await wire.send_json(writer, reply, traffic)
+                request = messages.parse(JoinRequest, raw)
+            except ProtocolError as e:
+                logger.warning(f"refusing a join request from {sender}: {e}")
+                return await wire.send_message(
+                    writer, JoinReply(error=f"malformed join request: {e}"), traffic
+                )
+            member = Member(sender, request.weight, request.client_mode)
+            await wire.send_message(writer, await self._admit(member, request), traffic)
         except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError) as e:
             logger.info(f"join request from {sender} broke off: {e!r}")
         except asyncio.CancelledError:  # we are shutting down; the joiner sees the stream close
             return
+        except Exception:
+            logger.exception(f"failed to answer a join request from {sender}")
         finally:
             await wire.close(writer)
 
-    async def _admit(self, member: Member, step: int, numel: int, skipped: set[str]) -> dict[str, Any]:
+    async def _refusal(self, member: Member, request: JoinRequest) -> str | None:
+        """Why ``member`` may not join our lobby for ``request.step``, or None."""
+        step = request.step
         bad = check_weight(member.weight, self.max_weight)
         if bad:
-            logger.warning(f"round {step}: refusing {member.peer_id} in the group: {bad}")
-            return {"error": f"the leader refused this peer: {bad}"}
-        lobby = self._reusable_lobby(step, member)
+            return bad
+        if request.fingerprint != self.fingerprint:
+            return "its run fingerprint differs from the leader's"
+        mine = self._board.mine
+        if mine is None or mine.outer_step != step:
+            return f"leader {self.peer_id} is at outer step {mine.outer_step if mine else '-'}, not {step}"
+        if member.peer_id != self.peer_id:
+            record = await self._record_of(member.peer_id, step)
+            if record is None or record.outer_step != step:
+                seen = (
+                    "no live progress record"
+                    if record is None
+                    else f"a record at outer step {record.outer_step}"
+                )
+                return f"it has {seen}, not at outer step {step}"
+            if record.client_mode != member.client_mode:
+                return "its join request and its progress record disagree on client mode"
+        return None
+
+    async def _record_of(self, peer_id: str, step: int) -> ProgressRecord | None:
+        record = (await self._board.read(max_age=0.5)).get(peer_id)
+        if record is None or record.outer_step != step:
+            record = (await self._board.read(max_age=0.0)).get(peer_id)  # it may have just published
+        return record
+
+    def _believed_skips(self, step: int, claimed: list[str], records: Records) -> set[str]:
+        """The joiner's skipped leaders that we too skipped, or that are not full peers at this step."""
+        at_step = {pid for pid, r in records.items() if r.outer_step == step and not r.client_mode}
+        return {pid for pid in claimed if pid in self._skipped_at(step) or pid not in at_step}
+
+    async def _admit(self, member: Member, request: JoinRequest) -> JoinReply:
+        step, numel = request.step, request.numel
+        refusal = await self._refusal(member, request)
+        if refusal:
+            logger.warning(f"round {step}: refusing {member.peer_id} in the group: {refusal}")
+            return JoinReply(error=f"the leader refused this peer: {refusal}")
+        records = await self._board.read(max_age=0.5)
+        skipped = self._believed_skips(step, request.skipped, records) | self._skipped_at(step)
+        lobby = self._reusable_lobby(step, numel, member)
         if lobby is None:
-            mine = self._board.mine
-            if mine is not None and mine.outer_step > step:
-                return {"error": f"leader {self.peer_id} is already at outer step {mine.outer_step} > {step}"}
-            leader = self._choose_leader(await self._board.read(max_age=0.5), step, skipped)
+            leader = self._choose_leader(records, step, skipped)
             if leader != self.peer_id:
-                return {"redirect": leader}
-            lobby = self._reusable_lobby(step, member) or self._open_lobby(step, numel)
+                return JoinReply(redirect=leader) if leader else JoinReply(error="no leader for this step")
+            lobby = self._open_lobby(step, numel)
         if lobby.outcome.done():
             return self._late_reply(lobby, member)
-        if numel != lobby.numel:
-            return {"error": f"vector of {numel} values, the group's has {lobby.numel} (another model?)"}
+        if len(lobby.joined) >= messages.MAX_MEMBERS:
+            return JoinReply(error="the group is full")
         lobby.joined[member.peer_id] = member
         lobby.skipped |= skipped
         lobby.changed.set()
         return self._late_reply(lobby, member, await asyncio.shield(lobby.outcome))
 
-    def _reusable_lobby(self, step: int, member: Member) -> _Lobby | None:
+    def _reusable_lobby(self, step: int, numel: int, member: Member) -> _Lobby | None:
         """This step's lobby, unless it is closed and ``member`` was in it: then the round failed for
         that member (a partner vanished, too few joined, ...) and it asks again, so a new lobby opens
         (answering with the old group would repeat the failed round forever)."""
-        lobby = self._lobbies.get(step)
+        lobby = self._lobbies.get((step, numel))
         if lobby is not None and lobby.outcome.done() and member.peer_id in lobby.joined:
             return None
         return lobby
 
-    def _late_reply(
-        self, lobby: _Lobby, member: Member, outcome: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def _late_reply(self, lobby: _Lobby, member: Member, outcome: JoinReply | None = None) -> JoinReply:
         outcome = outcome or lobby.outcome.result()
-        if "group" in outcome and lobby.joined.get(member.peer_id) != member:
+        if outcome.group is not None and lobby.joined.get(member.peer_id) != member:
             late = time.monotonic() - lobby.frozen_at
-            why = f"the group for outer step {lobby.step} was formed {late:.1f}s before this peer asked"
-            return {"error": why}
+            return JoinReply(
+                error=f"the group for outer step {lobby.step} was formed {late:.1f}s before this peer asked"
+            )
         return outcome
 
     def _open_lobby(self, step: int, numel: int) -> _Lobby:
-        for old in [s for s, lob in self._lobbies.items() if s < step - 2 and lob.outcome.done()]:
-            del self._lobbies[old]
-        lobby = self._lobbies[step] = _Lobby(step, numel, self.timeout)
+        for key in [k for k, lob in self._lobbies.items() if k[0] != step or lob.outcome.done()]:
+            if self._lobbies[key].outcome.done() or key[0] < step:
+                del self._lobbies[key]
+        while len(self._lobbies) >= _MAX_LOBBIES:  # vector sizes nobody else uses: keep the newest
+            del self._lobbies[next(iter(self._lobbies))]
+        lobby = self._lobbies[(step, numel)] = _Lobby(step, numel, self.timeout)
         task = asyncio.create_task(self._run_lobby(lobby))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -278,27 +379,33 @@ class Matchmaker:
             while True:
                 records = await self._board.read(max_age=max_age)
                 max_age = _POLL_S
-                leader = self._choose_leader(records, step, lobby.skipped)
+                leader = self._choose_leader(records, step, lobby.skipped | self._skipped_at(step))
                 if leader != self.peer_id:
                     logger.info(f"round {step}: handing the group over to {leader}, a smaller full peer")
-                    lobby.outcome.set_result({"redirect": leader})
+                    lobby.outcome.set_result(JoinReply(redirect=leader))
                     return
                 expected = {pid for pid, r in records.items() if r.outer_step == step}
                 missing = sorted(expected - set(lobby.joined))
                 enough = len(lobby.joined) >= self.min_group_size
-                if enough and not missing:
+                swarm_step = swarm_outer_step(records)
+                arrived = swarm_step is not None and swarm_step >= step
+                if enough and not missing and arrived:
                     return self._freeze(lobby, "every live peer at this step joined")
-                if len(lobby.joined) >= self.target_group_size:
+                if len(lobby.joined) >= self.target_group_size and arrived:
                     return self._freeze(lobby, f"target_group_size={self.target_group_size} reached")
                 if time.monotonic() >= lobby.deadline:
                     why = f"matchmaking_timeout={self.timeout:g}s passed; " + _absentees(
                         records, step, missing
                     )
-                    if enough:
+                    if enough and arrived:
                         return self._freeze(lobby, why)
-                    msg = f"only {len(lobby.joined)} peer(s) joined outer step {step}, min_group_size is "
-                    logger.warning(f"round {step}: no group: {msg}{self.min_group_size} ({why})")
-                    lobby.outcome.set_result({"error": msg + f"{self.min_group_size} ({why})"})
+                    if enough:
+                        msg = f"the swarm is still at outer step {swarm_step}: no group for step {step} yet"
+                    else:
+                        msg = f"only {len(lobby.joined)} peer(s) joined outer step {step}, min_group_size is "
+                        msg += str(self.min_group_size)
+                    logger.warning(f"round {step}: no group: {msg} ({why})")
+                    lobby.outcome.set_result(JoinReply(error=f"{msg} ({why})"[:500]))
                     return
                 lobby.changed.clear()
                 try:
@@ -309,21 +416,24 @@ class Matchmaker:
                     pass
         except Exception as e:
             if not lobby.outcome.done():
-                lobby.outcome.set_result({"error": f"the leader failed: {e!r}"})
+                lobby.outcome.set_result(JoinReply(error=f"the leader failed: {e!r}"[:500]))
             raise
 
     def _freeze(self, lobby: _Lobby, why: str) -> None:
         order = sorted(lobby.joined.values(), key=lambda m: (m.client_mode, m.peer_id))
-        group = Group(secrets.token_hex(8), lobby.step, lobby.numel, tuple(order))
+        if all(m.client_mode for m in order):
+            lobby.outcome.set_result(JoinReply(error="no full peer joined: nobody can reduce"))
+            return
+        group = Group(secrets.token_hex(8), lobby.step, lobby.numel, self.chunk, tuple(order))
         lobby.frozen_at = time.monotonic()
         logger.info(
             f"round {lobby.step}: group {group.group_id} of {len(order)} formed after "
             f"{lobby.frozen_at - lobby.opened:.2f}s ({why})"
         )
-        lobby.outcome.set_result({"group": group.to_wire()})
+        lobby.outcome.set_result(JoinReply(group=group.to_info()))
 
 
-def _absentees(records: dict[str, ProgressRecord], step: int, missing: list[str]) -> str:
+def _absentees(records: Records, step: int, missing: list[str]) -> str:
     """Who we waited for in vain, and who is elsewhere: the hint a failed matchmaking needs."""
     parts = [f"did not join: {', '.join(missing)}"] if missing else []
     elsewhere = sorted(f"{pid} (step {r.outer_step})" for pid, r in records.items() if r.outer_step != step)

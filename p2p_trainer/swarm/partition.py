@@ -1,26 +1,36 @@
-"""Slicing the flat vector and reducing one slice: the arithmetic of the all-reduce, no networking.
+"""Slicing the flat vector and reducing one slice, chunk by chunk: the all-reduce's arithmetic and
+bookkeeping, no networking.
 
-The vector is cut into contiguous, near-equal slices, one per full member in group order. The
-reducer of a slice collects every member's part (``SliceReduction``), validates it (weight, exact
-size, decodable, finite), and once all are in or the deadline passed, accumulates the valid parts
-in fp32 in group order and encodes the average once: every member gets those same bytes.
+The vector is cut into contiguous, near-equal slices, one per full member in group order, and each
+slice into chunks of ``group.chunk`` values that stream one after another. The reducer of a slice
+collects every member's part of each chunk (``SliceReduction``); as soon as a chunk is complete
+(every member still in the round sent it, or the deadline passed) it is combined (see
+``aggregation``) in group order, so the result never depends on arrival order, encoded once, and
+its bytes go to every member while later chunks are still arriving. A member that sends something
+wrong, or nothing in time, is left out of the rest of the slice, named, with the reason.
+
+Memory: a fast member may run at most ``WINDOW`` chunks ahead of the slowest; beyond that its stream
+is not read (TCP holds it back), so a reducer buffers at most ``WINDOW`` encoded chunks per member.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
 from p2p_trainer.codec import Codec, CodecError
+from p2p_trainer.swarm import aggregation
 from p2p_trainer.swarm.matchmaking import Group, check_weight
+from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
 
 logger = logging.getLogger(__name__)
 
-Reply = tuple[dict[str, Any], bytes]  # (header, averaged payload) a reducer sends every member
+WINDOW = 4  # chunks a member's stream may run ahead of the slice's slowest member
 
 
 def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
@@ -34,24 +44,29 @@ def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def chunk_bounds(numel: int, chunk: int) -> list[tuple[int, int]]:
+    """[lo, hi) chunks of ``chunk`` values (the last one shorter); one empty chunk for an empty slice."""
+    return [(lo, min(lo + chunk, numel)) for lo in range(0, numel, chunk)] or [(0, 0)]
+
+
 def weighted_mean(parts: list[tuple[float, torch.Tensor]], numel: int) -> tuple[torch.Tensor, float]:
-    """Σ w_j x_j / Σ w_j in fp32, in the given order; consumes (scales in place) the parts' tensors.
-    Product and sum are rounded separately (no fused multiply-add), so the result does not depend
-    on how the vector is sliced."""
-    acc, total = torch.zeros(numel, dtype=torch.float32), 0.0
-    for weight, values in parts:
-        acc.add_(values.mul_(weight))
-        total += weight
-    return acc.div_(total), total
+    return aggregation.weighted_mean(parts, numel)
 
 
-def error_reply(message: str) -> Reply:
-    return {"error": message}, b""
+@dataclass
+class _ChunkOutcome:
+    reply: bytes = b""
+    total: float = 0.0
+    refused: list[tuple[str, CodecError]] = field(default_factory=list)
+    clipped: dict[str, float] = field(default_factory=dict)
+
+
+class SliceFailed(Exception):
+    """This slice cannot be completed (no valid part, a failed takeover, ...); the text says why."""
 
 
 class SliceReduction:
-    """Reducer-side state for one slice of one group: who sent a valid part, who is left out and
-    why, and the reply every member gets (``result``, set once)."""
+    """Reducer-side state for one slice of one group."""
 
     def __init__(
         self,
@@ -62,105 +77,193 @@ class SliceReduction:
         codec: Codec,
         timeout: float,
         max_weight: float,
+        aggregation_mode: str = "mean",
+        tau: float = 2.0,
         takeover: bool = False,
+        first_chunk: int = 0,
     ) -> None:
         self.group, self.index, (self.lo, self.hi) = group, index, bounds
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
-        # the slice of a lost reducer: every live member must take part (see ``reduce``)
+        self.aggregation, self.tau = aggregation_mode, tau
+        # the slice of a lost reducer: every live member must take part (see ``takeover``)
         self.takeover = takeover
         self.deadline = time.monotonic() + timeout
-        self.parts: dict[str, tuple[float, torch.Tensor]] = {}
+        self.chunks = chunk_bounds(self.numel, group.chunk)
+        self.order = [m.peer_id for m in group.members]
+        declared = [m.weight for m in group.members]
+        if aggregation_mode != "mean":  # a token count is only its sender's claim
+            declared = aggregation.bounded_weights(declared)
+        self.weights = dict(zip(self.order, declared, strict=True))
+        self.expected = set(self.order)  # members not (yet) left out
+        self.streaming: set[str] = set()  # members whose part is coming in
         self.excluded: dict[str, str] = {}
-        self.pending = {m.peer_id for m in group.members}
-        self.all_in = asyncio.Event()
-        self.closed = False
-        self.result: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.clipped: dict[str, float] = {}  # member -> smallest share of its deviation kept
+        self.payloads: list[dict[str, bytes | bytearray]] = [{} for _ in self.chunks]
+        self.totals: list[float] = []
+        self.done = first_chunk  # chunks reduced so far (a takeover may start where the lost reducer stopped)
+        self._changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.replies: list[asyncio.Future[bytes]] = [loop.create_future() for _ in self.chunks]
+        self.trailer: asyncio.Future[SliceTrailer] = loop.create_future()
+        self._hash = hashlib.sha256()
 
     @property
     def numel(self) -> int:
         return self.hi - self.lo
 
+    # ---- who takes part ----
+    def check(self, sender: str, header: PartHeader) -> str | None:
+        """Why ``sender``'s part of this slice is refused before any of its bytes are read, or None."""
+        declared = self.group.member(sender)
+        if declared is None:
+            return "not a member of this group"
+        if sender in self.streaming or sender not in self.expected:
+            return "a second part for the same slice" if sender in self.streaming else self.excluded[sender]
+        bad = check_weight(header.weight, self.max_weight)
+        if bad is None and header.weight != declared.weight:
+            bad = f"weight {header.weight:g} differs from the {declared.weight:g} it declared when joining"
+        if bad is None and header.numel != self.numel:
+            bad = f"part of {header.numel} values, the slice has {self.numel}"
+        return bad
+
+    def start(self, sender: str) -> None:
+        self.streaming.add(sender)
+
     def exclude(self, peer_id: str, reason: str) -> None:
-        if peer_id in self.pending:
+        """Leave ``peer_id`` out of every chunk not reduced yet."""
+        if peer_id in self.expected:
             logger.warning(
                 f"round {self.group.outer_step} slice {self.index}: leaving out {peer_id}: {reason}"
             )
+            self.expected.discard(peer_id)
             self.excluded[peer_id] = reason
-            self._resolved(peer_id)
+            for pending in self.payloads[self.done :]:
+                pending.pop(peer_id, None)
+            self._changed.set()
 
-    def _resolved(self, peer_id: str) -> None:
-        self.pending.discard(peer_id)
-        if not self.pending:
-            self.all_in.set()
+    def max_payload(self, chunk: int) -> int:
+        lo, hi = self.chunks[chunk]
+        return 8 * (hi - lo) + (1 << 16)  # more than any codec needs; refuses absurd lengths
 
-    def check(self, peer_id: str, weight: Any, numel: Any) -> str | None:
-        """Why a part's header is unacceptable, or None."""
-        declared = self.group.member(peer_id)
-        if declared is None:
-            return "not a member of this group"
-        bad = check_weight(weight, self.max_weight)
-        if bad is None and weight != declared.weight:
-            bad = f"weight {weight:g} differs from the {declared.weight:g} it declared when joining"
-        if bad is None and numel != self.numel:
-            bad = f"part of {numel} values, the slice has {self.numel}"
-        return bad
+    async def may_read(self, chunk: int) -> None:
+        """Wait until reading ``chunk`` of a member keeps it within ``WINDOW`` chunks of the slowest."""
+        while chunk >= self.done + WINDOW and not self.trailer.done():
+            self._changed.clear()
+            await self._changed.wait()
 
-    async def submit(self, sender: str, weight: Any, numel: Any, payload: bytes | bytearray) -> None:
-        """Check and decode ``sender``'s part; it is accepted or the sender is left out, with the reason."""
-        if self.closed or sender not in self.pending:
-            return
-        bad = self.check(sender, weight, numel)
-        if bad is None:
-            try:
-                values = await asyncio.get_running_loop().run_in_executor(None, self._decode, payload)
-            except CodecError as e:
-                bad = f"malformed part: {e}"
-        if self.closed or sender not in self.pending:
-            return
-        if bad is not None:
-            self.exclude(sender, bad)
-        else:
-            self.parts[sender] = (float(weight), values)
-            self._resolved(sender)
+    def submit(self, sender: str, chunk: int, payload: bytes | bytearray) -> None:
+        """``sender``'s encoded part of ``chunk`` (decoded and checked when the chunk is reduced)."""
+        if sender in self.expected and chunk >= self.done:
+            self.payloads[chunk][sender] = payload
+            self._changed.set()
 
-    def _decode(self, payload: bytes | bytearray) -> torch.Tensor:
-        # decode() refuses non-finite values (codec contract); should one slip through anyway, the
-        # average cannot be encoded and the slice fails as a whole instead of spreading NaN
-        values = self.codec.decode(payload, self.numel)
-        if values.shape != (self.numel,) or values.dtype != torch.float32:
-            raise CodecError(
-                f"decoded part has shape {tuple(values.shape)} and {values.dtype}, not ({self.numel},)"
-            )
-        return values
-
-    async def reduce(self) -> None:
-        """Wait for every part (or the deadline), then set ``result``: the encoded average, or an error."""
-        try:
-            await asyncio.wait_for(self.all_in.wait(), max(self.deadline - time.monotonic(), 0.0))
-        except asyncio.TimeoutError:
-            late = sorted(self.pending)
-            for peer_id in late:
-                self.exclude(peer_id, f"sent nothing within allreduce_timeout={self.timeout:g}s")
-            if self.takeover:
-                # a silent member may hold the lost reducer's own average for this slice (or never
-                # noticed it was gone): an average without it could differ from what it applies
-                self.closed = True
-                why = f"{', '.join(late)} did not take part, so its copy of the slice may differ"
-                self.result.set_result(error_reply(f"slice {self.index} cannot be taken over: {why}"))
-                return
-        self.closed = True
-        step, index = self.group.outer_step, self.index
-        parts = [self.parts[m.peer_id] for m in self.group.members if m.peer_id in self.parts]
-        if not parts:
-            self.result.set_result(error_reply(f"no valid part for slice {index} of round {step}"))
-            return
+    # ---- reducing ----
+    async def run(self) -> None:
+        """Reduce the chunks in order as they complete; then the trailer. Never raises: a failure
+        becomes an exception on every reply still open, with the reason."""
         loop = asyncio.get_running_loop()
         try:
-            average, total = await loop.run_in_executor(None, weighted_mean, parts, self.numel)
-            payload = await loop.run_in_executor(None, self.codec.encode, average)
+            for c in range(self.done, len(self.chunks)):
+                await self._wait_for_chunk(c)
+                parts = [
+                    (p, self.weights[p], self.payloads[c][p]) for p in self.order if p in self.payloads[c]
+                ]
+                outcome = await loop.run_in_executor(None, self._reduce_chunk, c, parts)
+                for peer_id, error in outcome.refused:
+                    self.exclude(peer_id, f"malformed part: {error}")
+                for peer_id, scale in outcome.clipped.items():
+                    self.clipped[peer_id] = min(scale, self.clipped.get(peer_id, 1.0))
+                self.totals.append(outcome.total)
+                self._hash.update(outcome.reply)
+                self.payloads[c] = {}
+                self.done = c + 1
+                self.replies[c].set_result(outcome.reply)
+                self._changed.set()
+            self.trailer.set_result(self._make_trailer())
+        except SliceFailed as e:
+            self._fail(str(e))
         except Exception as e:  # e.g. the weighted sum overflowed
-            logger.warning(f"round {step}: cannot reduce slice {index}: {e}")
-            self.result.set_result(error_reply(f"reducer failed on slice {index}: {e}"))
-            return
-        header = {"total_weight": total, "included": len(parts), "excluded": dict(self.excluded)}
-        self.result.set_result((header, payload))
+            logger.warning(f"round {self.group.outer_step}: cannot reduce slice {self.index}: {e!r}")
+            self._fail(f"reducer failed on slice {self.index}: {e}")
+
+    def _fail(self, why: str) -> None:
+        for future in [*self.replies, self.trailer]:
+            if not future.done():
+                future.set_exception(SliceFailed(why))
+                future.exception()  # marked retrieved: nobody may be waiting for this one
+        self._changed.set()
+
+    async def _wait_for_chunk(self, c: int) -> None:
+        while not self.expected <= self.payloads[c].keys():
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                late = sorted(self.expected - self.payloads[c].keys())
+                if self.takeover:
+                    # a silent member may hold the lost reducer's own average for this slice (or never
+                    # noticed it was gone): an average without it could differ from what it applies
+                    why = f"{', '.join(late)} did not take part, so its copy of the slice may differ"
+                    raise SliceFailed(f"slice {self.index} cannot be taken over: {why}")
+                for peer_id in late:
+                    self.exclude(peer_id, f"sent nothing within allreduce_timeout={self.timeout:g}s")
+                break
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        if not self.expected:
+            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
+
+    def _reduce_chunk(self, c: int, parts: list[tuple[str, float, bytes | bytearray]]) -> _ChunkOutcome:
+        """(an executor thread) Decode, check and combine the parts of chunk ``c`` in group order."""
+        lo, hi = self.chunks[c]
+        outcome = _ChunkOutcome()
+        if self.aggregation == "mean":
+            average = self._fused_mean(parts, hi - lo, outcome)
+        else:
+            average = self._robust(parts, hi - lo, outcome)
+        outcome.reply = self.codec.encode(average)
+        return outcome
+
+    def _fused_mean(self, parts: list, n: int, outcome: _ChunkOutcome) -> torch.Tensor:
+        acc = torch.zeros(n, dtype=torch.float32)
+        for peer_id, weight, payload in parts:
+            try:
+                self.codec.decode_accumulate(payload, acc, weight)  # leaves acc untouched on error
+            except CodecError as e:
+                outcome.refused.append((peer_id, e))
+                continue
+            outcome.total += weight
+        if outcome.total == 0.0:
+            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
+        return acc.div_(outcome.total)
+
+    def _robust(self, parts: list, n: int, outcome: _ChunkOutcome) -> torch.Tensor:
+        rows, used = torch.empty(len(parts), n, dtype=torch.float32), []
+        for peer_id, weight, payload in parts:
+            try:
+                rows[len(used)] = self.codec.decode(payload, n)
+            except CodecError as e:
+                outcome.refused.append((peer_id, e))
+                continue
+            used.append((peer_id, weight))
+        if not used:
+            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
+        average, outcome.total, scales = aggregation.clipped_mean(
+            rows[: len(used)], [w for _, w in used], self.tau
+        )
+        outcome.clipped = {p: s for (p, _), s in zip(used, scales, strict=True) if s < 1.0}
+        return average
+
+    def _make_trailer(self) -> SliceTrailer:
+        return SliceTrailer(
+            total_weight=min(self.totals, default=0.0),
+            included=len(self.expected),
+            excluded=dict(self.excluded),
+            clipped=dict(self.clipped),
+        )
+
+    @property
+    def sha256(self) -> str:
+        """Hash of every averaged chunk's bytes, in order (complete once the trailer is set)."""
+        return self._hash.hexdigest()

@@ -17,7 +17,7 @@ import torch
 
 from p2p_trainer.codec import get_codec
 from p2p_trainer.config import SwarmConfig
-from p2p_trainer.contracts import RoundResult
+from p2p_trainer.contracts import RoundResult, fingerprint_sha256
 from p2p_trainer.swarm.allreduce import AllReducer, Fault
 from p2p_trainer.swarm.download import Downloader
 from p2p_trainer.swarm.errors import RoundFailed, SwarmError
@@ -69,10 +69,12 @@ class SwarmPeer(Observer):
             run_id=cfg.run_id,
             peer_id=self.peer_id,
             client_mode=cfg.client_mode,
+            fingerprint_sha256=fingerprint_sha256(fingerprint),
             timeout=cfg.matchmaking_timeout,
             target_group_size=cfg.target_group_size,
             min_group_size=cfg.min_group_size,
             max_weight=cfg.max_weight,
+            chunk=cfg.allreduce_chunk,
         )
         self._allreducer = AllReducer(
             p2p,
@@ -82,6 +84,8 @@ class SwarmPeer(Observer):
             codec=self._codec,
             timeout=cfg.allreduce_timeout,
             max_weight=cfg.max_weight,
+            aggregation=cfg.aggregation,
+            tau=cfg.aggregation_tau,
             fault=fault,
         )
         self._downloader = Downloader(p2p, self._board, cfg.run_id, self.peer_id, cfg.state_timeout)
@@ -89,7 +93,7 @@ class SwarmPeer(Observer):
         await self._allreducer.start()
         self._state_server = None
         if not cfg.client_mode:  # a client accepts no incoming streams, so it cannot serve its state
-            self._state_server = StateServer(p2p, cfg.run_id)
+            self._state_server = StateServer(p2p, cfg.run_id, timeout=cfg.state_timeout)
             await self._state_server.start()
         self._heartbeat = self._node.loop.create_task(self._board.heartbeat())
 
@@ -104,21 +108,32 @@ class SwarmPeer(Observer):
 
     # ---- progress ----
     def publish_progress(
-        self, *, outer_step: int, tokens: int, tokens_per_s: float, loss: float | None, params_sha256: str
+        self,
+        *,
+        outer_step: int,
+        tokens: int,
+        tokens_per_s: float,
+        loss: float | None,
+        params_sha256: str,
+        state_sha256: str = "",
+        inner_step: int = 0,
     ) -> None:
         """Non-blocking: the record is stored by the loop thread; a newer one supersedes it.
         Call it every few inner steps, and right after an outer step with the new ``outer_step``:
         leaders wait for exactly the peers whose records say they are at the round's step."""
         if self._closed:
             return
-        if params_sha256 and (len(params_sha256) != 64 or params_sha256.strip("0123456789abcdef")):
-            raise ValueError(f"params_sha256 must be 64 lowercase hex digits or empty, got {params_sha256!r}")
+        for name, sha in (("params_sha256", params_sha256), ("state_sha256", state_sha256)):
+            if sha and (len(sha) != 64 or sha.strip("0123456789abcdef")):
+                raise ValueError(f"{name} must be 64 lowercase hex digits or empty, got {sha!r}")
         record = self._board.record(
             outer_step=outer_step,
             tokens=tokens,
             tokens_per_s=tokens_per_s,
             loss=loss,
             params_sha256=params_sha256,
+            state_sha256=state_sha256,
+            inner_step=inner_step,
         )
         self._node.submit(self._board.publish_soon, record)
 
@@ -176,6 +191,8 @@ class SwarmPeer(Observer):
             tokens_per_s=0.0,
             loss=mine.loss if mine else None,
             params_sha256=mine.params_sha256 if mine else "",
+            state_sha256=mine.state_sha256 if mine else "",
+            inner_step=mine.inner_step if mine else 0,
         )
         cfg = self.cfg
         try:
@@ -201,6 +218,9 @@ class SwarmPeer(Observer):
             return self._failed(outer_step, str(e), "failed, keeping parameters unchanged")
         except Interrupted:  # interrupt() or shutdown() during the round
             return self._failed(outer_step, "this peer is shutting down", "abandoned")
+        except Exception as e:  # a bug, or input no check foresaw: the round fails, this peer lives on
+            logger.exception(f"round {outer_step}: unexpected error")
+            return self._failed(outer_step, f"unexpected error: {e!r}", "failed, keeping θ unchanged")
         result.wait_s = wait_s
         return result
 

@@ -82,7 +82,15 @@ class ProgressBoard:
         return self._mine
 
     def record(
-        self, *, outer_step: int, tokens: int, tokens_per_s: float, loss: float | None, params_sha256: str
+        self,
+        *,
+        outer_step: int,
+        tokens: int,
+        tokens_per_s: float,
+        loss: float | None,
+        params_sha256: str,
+        state_sha256: str = "",
+        inner_step: int = 0,
     ) -> ProgressRecord:
         """A record of ours, stamped now: the one place that fills in who we are."""
         return ProgressRecord(
@@ -94,6 +102,8 @@ class ProgressBoard:
             params_sha256=params_sha256,
             client_mode=self.client_mode,
             time=get_dht_time(),
+            state_sha256=state_sha256,
+            inner_step=max(0, int(inner_step)),
         )
 
     # ---- writing ----

@@ -29,12 +29,22 @@ class _ProgressModel(pv1.BaseModel):
     time: pv1.StrictFloat
     last_round_tokens: pv1.conint(ge=0, strict=True) = 0
     last_round_loss: Optional[pv1.StrictFloat] = None
+    relayed: pv1.StrictBool = False
+    state_sha256: pv1.constr(regex=r"^([0-9a-f]{64})?$", strict=True) = ""
+    inner_step: pv1.conint(ge=0, le=2**53, strict=True) = 0
 
     class Config:
         extra = pv1.Extra.forbid
 
 
-_OPTIONAL_ON_WIRE = {"last_round_tokens": 0, "last_round_loss": None}  # added later: older peers omit them
+# added later: older peers omit them
+_OPTIONAL_ON_WIRE = {
+    "last_round_tokens": 0,
+    "last_round_loss": None,
+    "relayed": False,
+    "state_sha256": "",
+    "inner_step": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,9 @@ class ProgressRecord:
     # `p2p-trainer status` turns them into a loss trend and the next round's ETA
     last_round_tokens: int = 0
     last_round_loss: float | None = None
+    relayed: bool = False  # reachable only through a relay (behind NAT), see ``swarm.node``
+    state_sha256: str = ""  # hash of θ, outer momentum and outer step (see contracts.outer_state_sha256)
+    inner_step: int = 0  # the owner's schedule position (inner steps done)
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
@@ -126,21 +139,34 @@ def out_of_sync(records: Records, peer_id: str, step: int, sha: str, *, check_ha
     return None
 
 
-def donors(records: Records, peer_id: str, rng: random.Random) -> tuple[int, str, list[str]]:
-    """(step, hash, donors in a random order): the swarm's step, the hash most records hold there,
-    and the full peers that published it. Empty when nobody has anything worth downloading."""
+@dataclass(frozen=True)
+class Donors:
+    """What a download must match, and whom to ask (in a random order; empty: nothing to download)."""
+
+    step: int
+    params_sha256: str
+    state_sha256: str  # "" when no holder of the agreed θ published one
+    inner_steps: tuple[int, int]  # the smallest and largest schedule position published at that step
+    peers: list[str]
+
+
+def donors(records: Records, peer_id: str, rng: random.Random) -> Donors:
+    """The swarm's step, the θ hash most records hold there (and among those, the state hash most
+    hold), and the full peers that published both."""
     rest = others(records, peer_id)
     step = swarm_outer_step(rest)
     sha = agreed_hash(rest, step) if step is not None else None
     if step is None or sha is None:
-        return -1, "", []
+        return Donors(-1, "", "", (0, 0), [])
+    holders = {pid: r for pid, r in rest.items() if r.outer_step == step and r.params_sha256 == sha}
+    votes = Counter(r.state_sha256 for r in holders.values() if r.state_sha256)
+    state = min(votes, key=lambda h: (-votes[h], h)) if votes else ""
     found = sorted(
-        pid
-        for pid, r in rest.items()
-        if r.outer_step == step and r.params_sha256 == sha and not r.client_mode
+        pid for pid, r in holders.items() if not r.client_mode and (not state or r.state_sha256 == state)
     )
     rng.shuffle(found)
-    return step, sha, found
+    positions = [r.inner_step for r in holders.values()] or [0]
+    return Donors(step, sha, state, (min(positions), max(positions)), found)
 
 
 # ---- when a round closes --------------------------------------------------------------------------

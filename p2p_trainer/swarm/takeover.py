@@ -1,12 +1,14 @@
 """One round's bookkeeping on one member, and the rules for taking over a lost reducer's slice.
 
 A reducer that is gone (its stream breaks, or it sends nothing within the reply timeout: a crashed
-peer) is left out: the next live reducer in group order takes its slice over. A backup that already
-holds the lost reducer's average for that slice hands out those very bytes; otherwise it reduces the
-slice afresh from the survivors' parts, and only when every live member sent one (a member that
-stays silent may hold the lost reducer's average, and the copies must not differ). A takeover needs
-two live members; with fewer, or a silent one, or a reducer that answers with an error, the round
-fails for everyone who needs that slice. No networking here: the wire protocol asks these rules.
+peer) is left out: the next live reducer in group order takes its slice over. Chunk by chunk, a
+backup that already holds the lost reducer's average of a chunk hands out those very bytes; the
+chunks it does not hold it reduces afresh from the survivors' parts, and only when every live member
+sent one (a member that stays silent may hold the lost reducer's average, and the copies must not
+differ). A takeover needs two live members; with fewer, or a silent one, or a reducer that answers
+with an error, the round fails for everyone who needs that slice. Members that take a slice over
+discard whatever they received from the lost reducer and keep the backup's bytes, so everyone who
+asks the backup ends with the same slice. No networking here: the wire protocol asks these rules.
 """
 
 from __future__ import annotations
@@ -14,34 +16,46 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.matchmaking import Group
-from p2p_trainer.swarm.partition import Reply, SliceReduction, error_reply
+from p2p_trainer.swarm.messages import SliceTrailer
+from p2p_trainer.swarm.partition import SliceReduction
 
-# what the reducer of a slice gave us: its reply, None once it was found gone, or ("failed", why)
-Answer = Union[Reply, None, tuple[str, str]]
+
+@dataclass
+class SliceAnswer:
+    """What the reducer of a slice gave this member, once its exchange with it ended."""
+
+    chunks: list[bytes] = field(default_factory=list)  # averaged chunks received, in order
+    trailer: SliceTrailer | None = None  # set when the slice completed
+    gone: bool = False  # the reducer was found gone (stream broke, or silence)
+    error: str = ""  # the reducer answered with an error
+
+    @property
+    def complete(self) -> bool:
+        return self.trailer is not None
 
 
 @dataclass
 class RoundState:
     group: Group
     bounds: list[tuple[int, int]]
-    make_reduction: Callable[[int, bool], SliceReduction]  # (slice index, takeover) -> a started reduction
+    # (slice index, first chunk to reduce) -> a started takeover reduction of that slice
+    make_takeover: Callable[[int, int], SliceReduction]
     traffic: wire.Traffic = field(default_factory=wire.Traffic)
     reduction: SliceReduction | None = None  # the slice we reduce, if we are a reducer
     lost: dict[str, str] = field(default_factory=dict)  # reducers found gone -> why
     takeovers: dict[int, SliceReduction] = field(default_factory=dict)  # slices of lost reducers we reduce
-    answers: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)
+    answers: dict[int, asyncio.Future[SliceAnswer]] = field(default_factory=dict)
 
-    def answer(self, index: int) -> asyncio.Future[Answer]:
-        """What slice ``index``'s reducer gave us (resolved once we know)."""
+    def answer(self, index: int) -> asyncio.Future[SliceAnswer]:
+        """What slice ``index``'s reducer gave us (resolved once our exchange with it ended)."""
         if index not in self.answers:
             self.answers[index] = asyncio.get_running_loop().create_future()
         return self.answers[index]
 
-    def settle(self, index: int, value: Answer) -> None:
+    def settle(self, index: int, value: SliceAnswer) -> None:
         if not self.answer(index).done():
             self.answers[index].set_result(value)
 
@@ -66,10 +80,11 @@ class RoundState:
                 return candidate
         return None
 
-    def takeover_reduction(self, index: int) -> SliceReduction:
-        """Our reduction of lost slice ``index`` (started on first use), without the lost members."""
+    def takeover_reduction(self, index: int, known: int) -> SliceReduction:
+        """Our fresh reduction of lost slice ``index`` from chunk ``known`` on (started on first use),
+        without the lost members."""
         if index not in self.takeovers:
-            reduction = self.takeovers[index] = self.make_reduction(index, True)
+            reduction = self.takeovers[index] = self.make_takeover(index, known)
             for peer_id, why in self.lost.items():
                 reduction.exclude(peer_id, f"it is gone ({why})")
         return self.takeovers[index]
@@ -77,14 +92,12 @@ class RoundState:
     def fail_unanswered(self) -> None:
         """This member's round ended: nobody may wait on its answers any more."""
         for index in range(len(self.group.reducers)):
-            self.settle(index, ("failed", "this peer's round ended"))
+            self.settle(index, SliceAnswer(error="this peer's round ended"))
 
 
-def backup_answer(answer: Answer, index: int) -> Reply | None:
-    """As the backup of slice ``index``: the reply to hand out (the lost reducer's own bytes, or its
-    error), or None when the slice must be reduced afresh here (the reducer is gone for us too)."""
-    if answer is None:
-        return None
-    if isinstance(answer[0], dict):
-        return answer
-    return error_reply(f"slice {index} failed here too ({answer[1]})")
+def backup_plan(answer: SliceAnswer, index: int) -> tuple[list[bytes], str]:
+    """As the backup of slice ``index``: (the lost reducer's chunks we hand out as they are, an error
+    that fails the slice or ""). The chunks after those are reduced afresh."""
+    if answer.error:
+        return [], f"slice {index} failed here too ({answer.error})"
+    return answer.chunks, ""

@@ -1,16 +1,16 @@
 """Length-prefixed frames on a libp2p stream (the framing of ``P2P.send_raw_data``), with a size
-cap on everything we read from a peer and a byte count of everything that crosses the wire."""
+cap on everything we read from a peer and a byte count of everything that crosses the wire.
+JSON headers are typed messages (``swarm.messages``), parsed with bounds where they are received."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
-from typing import Any
 
 from hivemind.p2p import P2P
 
-MAX_HEADER_BYTES = 1 << 16
+from p2p_trainer.swarm.messages import MAX_HEADER_BYTES, Message, ProtocolError, dump, parse_any
+
 _SMALL, _CHUNK = 1 << 16, 1 << 22
 Payload = bytes | bytearray  # what a received frame is; codecs accept either
 
@@ -49,19 +49,41 @@ async def recv_frame(reader: asyncio.StreamReader, max_bytes: int, traffic: Traf
     return data
 
 
-async def send_json(writer: asyncio.StreamWriter, message: dict[str, Any], traffic: Traffic) -> None:
-    await send_frame(writer, json.dumps(message, separators=(",", ":")).encode(), traffic)
+async def send_tagged(writer: asyncio.StreamWriter, tag: bytes, data: Payload, traffic: Traffic) -> None:
+    """One frame whose first byte says what the rest is (``TAG_CHUNK`` or ``TAG_MESSAGE``)."""
+    writer.write((len(data) + 1).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+    writer.write(tag)
+    writer.write(data)
+    await writer.drain()
+    traffic.sent += P2P.HEADER_LEN + 1 + len(data)
 
 
-async def recv_json(reader: asyncio.StreamReader, traffic: Traffic) -> dict[str, Any]:
+async def recv_tagged(
+    reader: asyncio.StreamReader, max_bytes: int, traffic: Traffic
+) -> tuple[bytes, memoryview]:
+    frame = await recv_frame(reader, max_bytes + 1, traffic)
+    if not frame:
+        raise FrameError("empty frame where a tagged one was expected")
+    view = memoryview(frame)
+    return bytes(view[:1]), view[1:]
+
+
+TAG_CHUNK, TAG_MESSAGE = b"C", b"M"
+
+
+async def send_message(writer: asyncio.StreamWriter, message: Message, traffic: Traffic) -> None:
+    await send_frame(writer, dump(message), traffic)
+
+
+async def recv_message(
+    reader: asyncio.StreamReader, models: tuple[type[Message], ...], traffic: Traffic
+) -> Message:
+    """The next frame as one of ``models``; FrameError (naming the problem) if it is none of them."""
     raw = await recv_frame(reader, MAX_HEADER_BYTES, traffic)
     try:
-        message = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FrameError(f"malformed header: {e}") from None
-    if not isinstance(message, dict):
-        raise FrameError("header is not a JSON object")
-    return message
+        return parse_any(models, raw)
+    except ProtocolError as e:
+        raise FrameError(str(e)) from None
 
 
 async def close(writer: asyncio.StreamWriter) -> None:

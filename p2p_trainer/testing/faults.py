@@ -14,12 +14,14 @@ from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
 
 def nan_values(part: OutgoingPart) -> OutgoingPart:
     """Send NaN where the values should be (fp32 layout: raw little-endian float32)."""
-    return replace(part, payload=np.full(part.values.numel(), np.nan, dtype="<f4").tobytes())
+    return replace(
+        part, corrupt=lambda payload, values: np.full(values.numel(), np.nan, dtype="<f4").tobytes()
+    )
 
 
 def wrong_size(part: OutgoingPart) -> OutgoingPart:
-    """Send a part with half the values it should have."""
-    return replace(part, payload=part.payload[: len(part.payload) // 2])
+    """Send chunks with half the bytes they should have."""
+    return replace(part, corrupt=lambda payload, values: payload[: len(payload) // 2])
 
 
 def absurd_weight(part: OutgoingPart) -> OutgoingPart:

@@ -63,14 +63,23 @@ def announce_step(
     *,
     tokens: int = 0,
     hashes: Sequence[str] = (),
+    state_hashes: Sequence[str] = (),
+    inner_step: int = 0,
     timeout: float = 20.0,
 ) -> None:
-    """Publish progress at ``step`` on every peer (with the θ hash of ``hashes``, if given) and wait
-    until each one sees all of them there (a training loop does this while it trains, long before
-    the round ends)."""
+    """Publish progress at ``step`` on every peer (with the θ and state hashes of ``hashes`` and
+    ``state_hashes``, if given) and wait until each one sees all of them there (a training loop does
+    this while it trains, long before the round ends)."""
     for i, peer in enumerate(peers):
-        sha = hashes[i] if hashes else ""
-        peer.publish_progress(outer_step=step, tokens=tokens, tokens_per_s=0.0, loss=1.0, params_sha256=sha)
+        peer.publish_progress(
+            outer_step=step,
+            tokens=tokens,
+            tokens_per_s=0.0,
+            loss=1.0,
+            params_sha256=hashes[i] if hashes else "",
+            state_sha256=state_hashes[i] if state_hashes else "",
+            inner_step=inner_step,
+        )
     ids = {p.peer_id for p in peers}
     deadline = time.monotonic() + timeout
     for peer in peers:
