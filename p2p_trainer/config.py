@@ -180,6 +180,11 @@ class SwarmConfig:
     aggregation_tau: float = _f(
         2.0, "clip radius, in median distances of the parts to the robust centre (larger: closer to the mean)"
     )
+    recheck: float = _f(
+        0.1,
+        "probability that a slice's average is recomputed by another member in a round (catches a reducer "
+        "that sends one wrong average to all; costs that slice's traffic once more)",
+    )
     allreduce_chunk: int = _f(
         1 << 20, "values per streamed chunk of the all-reduce (the leader's setting holds for its group)"
     )
@@ -219,6 +224,8 @@ class SwarmConfig:
         if self.aggregation not in ("clip", "mean"):
             raise ConfigError(f"swarm.aggregation={self.aggregation!r} must be 'clip' or 'mean'")
         _positive("swarm.aggregation_tau", self.aggregation_tau)
+        if not 0.0 <= self.recheck <= 1.0:
+            raise ConfigError(f"swarm.recheck={self.recheck} must be in [0, 1]")
         if not 1 <= self.allreduce_chunk <= 1 << 26:
             raise ConfigError(f"swarm.allreduce_chunk={self.allreduce_chunk} must be in [1, 2^26]")
         if self.target_group_size > 256:

@@ -33,6 +33,7 @@ def peers():
         allreduce_timeout=ALLREDUCE_TIMEOUT,
         round_tokens=ROUND_TOKENS,
         aggregation="mean",  # this module checks the plain weighted mean bit for bit
+        recheck=0.0,  # ... and the bytes of the plain protocol
     )
     yield swarm
     for peer in swarm:

@@ -9,7 +9,8 @@ from p2p_trainer.testing import swarm as st
 
 @pytest.fixture(scope="module")
 def peers():
-    swarm = st.start_peers(3, "client-test", client_mode=[False, False, True], min_group_size=2)
+    # recheck 0: the byte counts below are those of the plain protocol, without re-check copies
+    swarm = st.start_peers(3, "client-test", client_mode=[False, False, True], min_group_size=2, recheck=0.0)
     yield swarm
     for peer in swarm:
         peer.shutdown()

@@ -18,8 +18,7 @@ table of their own (they can never push a running round out), and a reducer buff
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,16 +32,24 @@ from p2p_trainer.contracts import RoundResult
 from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.matchmaking import Group
-from p2p_trainer.swarm.messages import PartHeader, ProtocolError, ReduceRefusal, SliceTrailer, T, dump, parse
-from p2p_trainer.swarm.partition import SliceFailed, SliceReduction, chunk_bounds, slice_bounds
+from p2p_trainer.swarm.messages import (
+    Accusation,
+    CommitPost,
+    CommitReply,
+    PartHeader,
+    ProtocolError,
+    ReduceRefusal,
+    Seal,
+    SliceTrailer,
+    T,
+    parse,
+)
+from p2p_trainer.swarm.partition import SliceFailed, SliceReduction, chunk_bounds, part_weights, slice_bounds
+from p2p_trainer.swarm.reducer import ReducerService, expected_commits
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
+from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verdict, verifier_of
 
 logger = logging.getLogger(__name__)
-
-_DRAIN_S = 5.0  # how long a reducer keeps reading a late part before it closes the stream
-_KEEP_ROUNDS = 4  # finished rounds whose state a reducer keeps for late takeover requests
-_MAX_WAITING = 16  # parts of groups we have not joined (yet): at most this many wait
-_STREAMS_PER_PEER = 4
 
 
 @dataclass(frozen=True)
@@ -76,28 +83,27 @@ class AllReducer:
         codec: Codec,
         timeout: float,
         max_weight: float,
+        signer: Signer,
         aggregation: str = "mean",
         tau: float = 2.0,
+        recheck: float = 0.0,
+        ban: Callable[[str, str], None] | None = None,
         fault: Fault | None = None,
     ) -> None:
         self._p2p, self.peer_id, self.client_mode = p2p, peer_id, client_mode
-        self._handler = f"p2p_trainer.{run_id}.part"
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
-        self.aggregation, self.tau = aggregation, tau
+        self.signer, self.aggregation, self.tau, self.recheck = signer, aggregation, tau, recheck
+        self._ban = ban or (lambda peer_id, why: None)
         self.fault = fault
-        self._rounds: dict[str, RoundState] = {}  # rounds we take part in
-        self._finished: collections.deque[str] = collections.deque()
-        self._waiting: dict[str, asyncio.Future[RoundState]] = {}  # parts that came before their round
-        self._streams: collections.Counter[str] = collections.Counter()
+        self.commit_timeout = min(timeout, 10.0)
+        self.service = ReducerService(
+            p2p, run_id, timeout=timeout, commit_timeout=self.commit_timeout, seal=signer.seal
+        )
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        if not self.client_mode:
-            await self._p2p.add_binary_stream_handler(self._handler, self._handle_part)
-
-    @property
-    def _reply_timeout(self) -> float:
-        return self.timeout + max(5.0, self.timeout)  # the reducer's wait, plus time to compute and send
+        if not self.client_mode:  # a client accepts no incoming streams: it reduces and witnesses nothing
+            await self.service.start(self.peer_id)
 
     def _reduction(
         self,
@@ -119,6 +125,7 @@ class AllReducer:
             tau=self.tau,
             takeover=takeover,
             first_chunk=first_chunk,
+            seal=self.signer.seal,
         )
         self._spawn(reduction.run())
         return reduction
@@ -129,45 +136,7 @@ class AllReducer:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # ---- the round's table ----
-    def _register(self, state: RoundState) -> None:
-        group_id = state.group.group_id
-        self._rounds[group_id] = state
-        waiting = self._waiting.pop(group_id, None)
-        if waiting is not None and not waiting.done():
-            waiting.set_result(state)
-
-    def _retire(self, group_id: str) -> None:
-        self._finished.append(group_id)
-        while len(self._finished) > _KEEP_ROUNDS:
-            self._rounds.pop(self._finished.popleft(), None)
-
-    async def _known_round(self, group_id: str) -> RoundState | None:
-        """The round of ``group_id``, waiting a little: a part may arrive just before the leader's
-        answer reaches us. None when it never comes, or too many unknown groups wait already."""
-        if group_id in self._rounds:
-            return self._rounds[group_id]
-        future = self._waiting.get(group_id)
-        if future is None:
-            if len(self._waiting) >= _MAX_WAITING:
-                return None
-            future = self._waiting[group_id] = asyncio.get_running_loop().create_future()
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except asyncio.TimeoutError:
-            if self._waiting.get(group_id) is future:
-                del self._waiting[group_id]
-            return None
-
-    # ---- member side ----
-    async def run(self, group: Group, vector: torch.Tensor, weight: float) -> RoundResult:
-        """Average ``vector`` with the group; RoundFailed when a slice cannot be completed."""
-        started = time.monotonic()
-        members = [m.peer_id for m in group.members]
-        if len(group.members) == 1:
-            return RoundResult(
-                vector.clone(), 1, float(weight), 0, 0, 0.0, 0.0, [], {}, members, group.group_id
-            )
+    def _new_round(self, group: Group) -> RoundState:
         reducers = group.reducers
         bounds = slice_bounds(group.numel, len(reducers))
         state = RoundState(
@@ -177,22 +146,40 @@ class AllReducer:
         )
         if self.peer_id in reducers:
             state.reduction = self._reduction(group, bounds, reducers.index(self.peer_id))
-        self._register(state)
+            state.pool = CommitPool(group, self.signer)
+        weights = part_weights(group, self.aggregation)
+        for index in checked_slices(group.group_id, len(reducers), self.recheck):
+            if verifier_of(group, index) == self.peer_id:
+                state.checks[index] = CheckBuffer(group, index, bounds[index], weights)
+        return state
+
+    # ---- member side ----
+    async def run(self, group: Group, vector: torch.Tensor, weight: float) -> RoundResult:
+        """Average ``vector`` with the group; RoundFailed when a slice cannot be completed, or when
+        the commit phase shows that the members do not all hold the same average (see ``verify``)."""
+        started = time.monotonic()
+        members = [m.peer_id for m in group.members]
+        if len(group.members) == 1:
+            return RoundResult(
+                vector.clone(), 1, float(weight), 0, 0, 0.0, 0.0, [], {}, members, group.group_id
+            )
+        state = self._new_round(group)
+        self.service.register(state)
         average = torch.empty(group.numel, dtype=torch.float32)
         try:
             contributions = [
                 self._contribute(state, i, reducer, vector[lo:hi], weight, average[lo:hi])
-                for i, (reducer, (lo, hi)) in enumerate(zip(reducers, bounds, strict=True))
+                for i, (reducer, (lo, hi)) in enumerate(zip(group.reducers, state.bounds, strict=True))
             ]
             trailers = await asyncio.gather(*contributions, return_exceptions=True)
             if state.reduction is not None:  # the others need our slice even if our own part failed
                 await asyncio.wait([state.reduction.trailer])
+            state.fail_unanswered()
+            failure = next((t for t in trailers if isinstance(t, BaseException)), None)
+            await self._commit(state, failure)
         finally:
             state.fail_unanswered()
-            self._retire(group.group_id)
-        for trailer in trailers:
-            if isinstance(trailer, BaseException):
-                raise trailer if isinstance(trailer, RoundFailed) else RoundFailed(repr(trailer))
+            self.service.retire(group.group_id)
         excluded: dict[str, str] = {}
         clipped: dict[str, float] = {}
         for trailer in trailers:
@@ -215,6 +202,66 @@ class AllReducer:
             clipped=clipped,
         )
 
+    async def _commit(self, state: RoundState, failure: BaseException | None) -> None:
+        """Post our seals (and findings) to every full member, read theirs back, and raise
+        RoundFailed unless every member holds the same averages (see ``verify``)."""
+        group, step = state.group, state.group.outer_step
+        seals = []
+        for index, answer in state.final.items():
+            if answer.complete and answer.trailer.signature:
+                seals.append(
+                    Seal(
+                        slice=index,
+                        reducer=answer.server,
+                        sha256=answer.trailer.sha256,
+                        signature=answer.trailer.signature,
+                    )
+                )
+        accusations = await self._rechecks(state) if failure is None else []
+        post = CommitPost(group_id=group.group_id, seals=seals, accusations=accusations)
+        witnesses = [r for r in group.reducers if r not in state.lost]
+        replies = await asyncio.gather(
+            *(self._post(state, w, post) for w in witnesses), return_exceptions=True
+        )
+        if failure is not None:
+            raise failure if isinstance(failure, RoundFailed) else RoundFailed(repr(failure))
+        why, liars = verdict(group, self.signer, seals, [r for r in replies if isinstance(r, CommitReply)])
+        for liar in liars:
+            self._ban(liar, f"it sent different averages of one slice to different members in round {step}")
+        if why:
+            raise RoundFailed(f"round {step}: {why}")
+
+    async def _post(self, state: RoundState, witness: str, post: CommitPost) -> CommitReply:
+        if witness == self.peer_id:
+            state.pool.add(self.peer_id, post)
+            await state.pool.wait(expected_commits(state), time.monotonic() + self.commit_timeout)
+            return state.pool.reply()
+        _, reader, writer = await self._p2p.call_binary_stream_handler(
+            PeerID.from_base58(witness), self.service.commit_handler
+        )
+        try:
+            await wire.send_message(writer, post, state.traffic)
+            wait = self.commit_timeout + 5.0
+            return await asyncio.wait_for(wire.recv_message(reader, (CommitReply,), state.traffic), wait)
+        finally:
+            await wire.close(writer)
+
+    async def _rechecks(self, state: RoundState) -> list[Accusation]:
+        """Our findings on the slices we re-check: the reducer's average against its parts."""
+        found = []
+        for index, buffer in state.checks.items():
+            answer = state.answer(index).result()
+            reducer = state.group.reducers[index]
+            if not answer.complete or answer.server != reducer:
+                continue  # taken over or failed: nothing to hold the reducer to
+            why = await asyncio.get_running_loop().run_in_executor(
+                None, buffer.mismatch, self.codec, self.aggregation, self.tau, answer.trailer, answer.chunks
+            )
+            if why:
+                logger.warning(f"round {state.group.outer_step}: reducer {reducer} of slice {index}: {why}")
+                found.append(self.signer.accuse(state.group.group_id, index, reducer, why))
+        return found
+
     async def _contribute(
         self,
         state: RoundState,
@@ -232,7 +279,9 @@ class AllReducer:
         if part.delay_s > 0:
             await asyncio.sleep(part.delay_s)
         payloads = _Payloads(self, part, chunk_bounds(values.numel(), state.group.chunk))
-        answer = SliceAnswer()
+        if index in checked_slices(state.group.group_id, len(state.group.reducers), self.recheck):
+            self._spawn(self._send_check(state, index, payloads))
+        answer = SliceAnswer(server=reducer)
         try:
             if reducer == self.peer_id:
                 await self._reduce_here(state.reduction, payloads, out, answer)
@@ -242,7 +291,9 @@ class AllReducer:
             state.mark_lost(reducer, str(e))
             answer.gone = True
             state.settle(index, answer)
-            return await self._take_over(state, index, part, payloads, out)
+            answer = await self._take_over(state, index, part, payloads, out)
+            state.final[index] = answer
+            return answer.trailer
         except (RoundFailed, SliceFailed) as e:
             answer.error = answer.error or str(e)
             state.settle(index, answer)
@@ -256,6 +307,7 @@ class AllReducer:
             state.settle(index, answer)
             raise RoundFailed(f"cannot encode our own part of slice {index}: {e}") from None
         state.settle(index, answer)
+        state.final[index] = answer
         return answer.trailer
 
     async def _reduce_here(
@@ -271,9 +323,12 @@ class AllReducer:
         else:
             reduction.exclude(self.peer_id, bad)
         for c in range(len(answer.chunks), len(reduction.chunks)):
-            reply = await asyncio.shield(reduction.replies[c])
+            reply = self.service.deliver(self.peer_id, c, await asyncio.shield(reduction.replies[c]))
             await self._decode_into(reply, payloads.bounds[c], out, answer)
-        answer.trailer = await asyncio.shield(reduction.trailer)
+        trailer = await asyncio.shield(reduction.trailer)
+        answer.trailer = self.service.sealed(
+            reduction, trailer, hashlib.sha256(b"".join(answer.chunks)).hexdigest()
+        )
 
     async def _decode_into(
         self, reply: bytes | memoryview, bounds: tuple[int, int], out: torch.Tensor, answer: SliceAnswer
@@ -302,10 +357,10 @@ class AllReducer:
         step, index = state.group.outer_step, part.slice_index
         try:
             await asyncio.wait_for(
-                self._exchange(state, reducer, payloads, out, answer, takeover), self._reply_timeout
+                self._exchange(state, reducer, payloads, out, answer, takeover), self.service.reply_timeout
             )
         except asyncio.TimeoutError:
-            raise _ReducerLost(f"no average within {self._reply_timeout:g}s") from None
+            raise _ReducerLost(f"no average within {self.service.reply_timeout:g}s") from None
         except wire.FrameError as e:  # it answered, but not in the protocol: hostile or broken, not gone
             raise RoundFailed(f"round {step}: reducer {reducer} of slice {index} failed: {e}") from None
         except (RoundFailed, SliceFailed, CodecError):
@@ -323,7 +378,7 @@ class AllReducer:
         takeover: bool,
     ) -> None:
         _, reader, writer = await self._p2p.call_binary_stream_handler(
-            PeerID.from_base58(reducer), self._handler
+            PeerID.from_base58(reducer), self.service.part_handler
         )
         sending = None
         try:
@@ -343,7 +398,16 @@ class AllReducer:
             tag, body = await wire.recv_tagged(reader, wire.MAX_HEADER_BYTES, state.traffic)
             if tag != wire.TAG_MESSAGE:
                 raise wire.FrameError("a chunk after the last one")
-            answer.trailer = _parse_reply(body, SliceTrailer)
+            trailer = _parse_reply(body, SliceTrailer)
+            sha256 = hashlib.sha256(b"".join(answer.chunks)).hexdigest()
+            index = payloads.part.slice_index
+            bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, sha256)
+            if bad:
+                answer.error = bad
+                raise RoundFailed(
+                    f"round {state.group.outer_step}: reducer {reducer} of slice {index}: {bad}"
+                )
+            answer.trailer, answer.server = trailer, reducer
         finally:
             if sending is not None and not sending.done():
                 sending.cancel()
@@ -355,9 +419,31 @@ class AllReducer:
         async for _, payload in payloads:
             await wire.send_frame(writer, payload, traffic)
 
+    async def _send_check(self, state: RoundState, index: int, payloads: _Payloads) -> None:
+        """A copy of our part of slice ``index`` for its verifier (see ``verify``); best effort."""
+        verifier = verifier_of(state.group, index)
+        header = payloads.header(state.group, index).model_copy(update={"check": True})
+        if verifier == self.peer_id:
+            buffer = state.checks[index]
+            if buffer.check(self.peer_id, header) is None:
+                async for c, payload in payloads:
+                    buffer.submit(self.peer_id, c, payload)
+            return
+        try:
+            _, reader, writer = await self._p2p.call_binary_stream_handler(
+                PeerID.from_base58(verifier), self.service.part_handler
+            )
+            try:
+                await wire.send_message(writer, header, state.traffic)
+                await asyncio.wait_for(self._send_chunks(writer, payloads, state.traffic), self.timeout)
+            finally:
+                await wire.close(writer)
+        except Exception as e:  # the verifier is gone or slow: it will find nothing, which is no finding
+            logger.info(f"round {state.group.outer_step}: copy of slice {index} for {verifier} failed: {e!r}")
+
     async def _take_over(
         self, state: RoundState, index: int, part: OutgoingPart, payloads: _Payloads, out: torch.Tensor
-    ) -> SliceTrailer:
+    ) -> SliceAnswer:
         """Our part of slice ``index``, whose reducer is gone, goes to the next live reducer instead."""
         step, lost = state.group.outer_step, state.group.reducers[index]
         while True:
@@ -371,13 +457,13 @@ class AllReducer:
                 f"round {step}: reducer {lost} of slice {index} is gone ({state.lost[lost]}); "
                 f"{backup} takes the slice over"
             )
-            answer = SliceAnswer()
+            answer = SliceAnswer(server=backup)
             try:
                 if backup == self.peer_id:
                     await self._reduce_takeover_here(state, index, payloads, out, answer)
                 else:
                     await self._send(state, backup, part, payloads, out, answer, takeover=True)
-                return answer.trailer
+                return answer
             except _ReducerLost as e:
                 state.mark_lost(backup, str(e))
             except SliceFailed as e:
@@ -394,145 +480,9 @@ class AllReducer:
         for c, reply in enumerate(known):
             await self._decode_into(reply, payloads.bounds[c], out, answer)
         if mine.complete:
-            answer.trailer = mine.trailer
+            answer.trailer, answer.server = mine.trailer, mine.server
         else:
             await self._reduce_here(state.takeover_reduction(index, len(known)), payloads, out, answer)
-
-    # ---- reducer side ----
-    async def _handle_part(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sender, traffic = info.peer_id.to_base58(), wire.Traffic()
-        if self._streams[sender] >= _STREAMS_PER_PEER:
-            logger.warning(
-                f"refusing a part stream from {sender}: it has {self._streams[sender]} open already"
-            )
-            return await wire.close(writer)
-        self._streams[sender] += 1
-        try:
-            header = await asyncio.wait_for(wire.recv_message(reader, (PartHeader,), traffic), self.timeout)
-            state = await self._known_round(header.group_id)
-            if state is None:
-                return await self._refuse(writer, "unknown group", traffic)
-            state.traffic.received += traffic.received
-            traffic = state.traffic  # count this stream in the round's traffic from now on
-            refusal = self._refusal(state, sender, header)
-            if refusal is not None:
-                return await self._refuse(writer, refusal, traffic)
-            if header.takeover:
-                await self._serve_takeover(state, sender, header, reader, writer, traffic)
-            else:
-                await self._serve(state.reduction, sender, header, reader, writer, traffic)
-        except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-            logger.info(f"part stream from {sender} broke off: {e!r}")
-        except asyncio.CancelledError:  # we are shutting down; the sender sees the stream close
-            return
-        except Exception:
-            logger.exception(f"failed to serve a part from {sender}")
-        finally:
-            self._streams[sender] -= 1
-            if not self._streams[sender]:
-                del self._streams[sender]
-            await wire.close(writer)
-
-    async def _refuse(self, writer: asyncio.StreamWriter, why: str, traffic: wire.Traffic) -> None:
-        await wire.send_tagged(writer, wire.TAG_MESSAGE, dump(ReduceRefusal(error=why[:500])), traffic)
-
-    def _refusal(self, state: RoundState, sender: str, header: PartHeader) -> str | None:
-        """Why this stream gets no answer but an error, or None."""
-        index, reducers = header.slice, state.group.reducers
-        if state.group.member(sender) is None:
-            return "not a member of this group"
-        if header.takeover:
-            if not 0 <= index < len(reducers) or reducers[index] == self.peer_id:
-                return f"no slice {index} to take over here"
-            if self.peer_id not in reducers:
-                return "not a member of this group"
-        elif state.reduction is None or index != state.reduction.index:
-            return f"this peer does not reduce slice {index}"
-        if header.group_digest != state.group.digest:
-            if state.reduction is not None and not header.takeover:
-                state.reduction.exclude(
-                    sender, "it holds another member list for this group (the leader sent two)"
-                )
-            return "member lists differ: the leader sent two"
-        return None
-
-    async def _serve(
-        self,
-        reduction: SliceReduction,
-        sender: str,
-        header: PartHeader,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        traffic: wire.Traffic,
-        known: list[bytes] = (),
-        known_trailer: SliceTrailer | None = None,
-    ) -> None:
-        """Read ``sender``'s chunks into ``reduction`` while answering with each averaged chunk (the
-        ``known`` ones as they are)."""
-        bad = reduction.check(sender, header)
-        if bad is not None:
-            reduction.exclude(sender, bad)
-            return await self._refuse(writer, bad, traffic)
-        reduction.start(sender)
-        receiving = asyncio.ensure_future(self._receive_chunks(reduction, sender, reader, traffic))
-        try:
-            for c in range(len(reduction.chunks)):
-                reply = known[c] if c < len(known) else await asyncio.shield(reduction.replies[c])
-                await wire.send_tagged(writer, wire.TAG_CHUNK, reply, traffic)
-            trailer = known_trailer or await asyncio.shield(reduction.trailer)
-            await wire.send_tagged(writer, wire.TAG_MESSAGE, dump(trailer), traffic)
-        except SliceFailed as e:
-            await self._refuse(writer, str(e), traffic)
-        finally:
-            if not receiving.done():
-                # read a late part to its end anyway: closing a stream with unread data resets it, and
-                # the sender would lose the average we sent (the same bytes as everyone's)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(receiving, _DRAIN_S)
-                receiving.cancel()
-
-    async def _receive_chunks(
-        self, reduction: SliceReduction, sender: str, reader: asyncio.StreamReader, traffic: wire.Traffic
-    ) -> None:
-        try:
-            for c in range(len(reduction.chunks)):
-                await reduction.may_read(c)
-                left = max(reduction.deadline - time.monotonic(), 0.0)
-                payload = await asyncio.wait_for(
-                    wire.recv_frame(reader, reduction.max_payload(c), traffic), left
-                )
-                reduction.submit(sender, c, payload)
-        except asyncio.TimeoutError:
-            reduction.exclude(sender, f"its part did not arrive within allreduce_timeout={self.timeout:g}s")
-            # keep reading (and dropping) what is still coming: see _serve
-            with contextlib.suppress(Exception):
-                while True:
-                    await wire.recv_frame(reader, 1 << 28, traffic)
-        except wire.FrameError as e:
-            reduction.exclude(sender, str(e))
-        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
-            reduction.exclude(sender, f"its stream broke off ({type(e).__name__})")
-
-    async def _serve_takeover(
-        self,
-        state: RoundState,
-        sender: str,
-        header: PartHeader,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        traffic: wire.Traffic,
-    ) -> None:
-        """``sender`` found the reducer of a slice gone and asks us, its backup, for that slice."""
-        index = header.slice
-        # what our own exchange with that reducer gave (everyone must get those same bytes)
-        answer = await asyncio.wait_for(asyncio.shield(state.answer(index)), self._reply_timeout)
-        known, error = backup_plan(answer, index)
-        if error:
-            return await self._refuse(writer, error, traffic)
-        if not answer.complete:  # gone for us too: the chunks we lack are reduced from the survivors' parts
-            state.mark_lost(state.group.reducers[index], f"{sender} and this peer found it gone")
-        reduction = state.takeover_reduction(index, len(known))
-        await self._serve(reduction, sender, header, reader, writer, traffic, known, answer.trailer)
 
 
 class _Payloads:

@@ -146,6 +146,7 @@ class Matchmaker:
         self._lobbies: dict[tuple[int, int], _Lobby] = {}
         self._tasks: set[asyncio.Task] = set()
         self._skip_until: dict[str, int] = {}  # leader -> first outer step at which we ask it again
+        self._banned: dict[str, str] = {}  # peers proven to cheat -> how; never admitted, never asked
 
     async def start(self) -> None:
         if not self.client_mode:  # client peers never lead, so they accept no join requests
@@ -153,7 +154,13 @@ class Matchmaker:
 
     # ---- member side ----
     def _skipped_at(self, step: int) -> set[str]:
-        return {pid for pid, until in self._skip_until.items() if step < until}
+        return {pid for pid, until in self._skip_until.items() if step < until} | set(self._banned)
+
+    def ban(self, peer_id: str, why: str) -> None:
+        """``peer_id`` cheated provably (see ``verify``): we never group with it again."""
+        if peer_id not in self._banned and peer_id != self.peer_id:
+            logger.warning(f"banning {peer_id}: {why}")
+            self._banned[peer_id] = why[:200]
 
     def _skip(self, leader: str, step: int, why: str) -> None:
         logger.warning(f"round {step}: skipping leader {leader} for {_SKIP_ROUNDS} rounds: {why}")
@@ -291,6 +298,8 @@ class Matchmaker:
         bad = check_weight(member.weight, self.max_weight)
         if bad:
             return bad
+        if member.peer_id in self._banned:
+            return f"it is banned ({self._banned[member.peer_id]})"
         if request.fingerprint != self.fingerprint:
             return "its run fingerprint differs from the leader's"
         mine = self._board.mine
@@ -384,7 +393,7 @@ class Matchmaker:
                     logger.info(f"round {step}: handing the group over to {leader}, a smaller full peer")
                     lobby.outcome.set_result(JoinReply(redirect=leader))
                     return
-                expected = {pid for pid, r in records.items() if r.outer_step == step}
+                expected = {pid for pid, r in records.items() if r.outer_step == step} - set(self._banned)
                 missing = sorted(expected - set(lobby.joined))
                 enough = len(lobby.joined) >= self.min_group_size
                 swarm_step = swarm_outer_step(records)

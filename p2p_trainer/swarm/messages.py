@@ -27,6 +27,9 @@ PeerId = Annotated[str, StringConstraints(pattern=r"^[1-9A-HJ-NP-Za-km-z]{32,64}
 Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8,64}$")]
 Reason = Annotated[str, StringConstraints(max_length=500)]
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Signature = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/=]{0,1024}$")]  # base64
+GroupId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,32}$")]
 Weight = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
@@ -58,7 +61,7 @@ class MemberInfo(Message):
 
 
 class GroupInfo(Message):
-    group_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,32}$")]
+    group_id: GroupId
     outer_step: Step
     numel: Annotated[int, Field(ge=1, le=MAX_NUMEL)]
     chunk: Annotated[int, Field(ge=1, le=1 << 26)]  # values per streamed chunk of the all-reduce
@@ -83,12 +86,13 @@ class JoinReply(Message):
 class PartHeader(Message):
     """What a member says before streaming its part of one slice to that slice's reducer."""
 
-    group_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,32}$")]
+    group_id: GroupId
     group_digest: Hex
     slice: Annotated[int, Field(ge=0, lt=MAX_MEMBERS)]
     weight: Weight
     numel: Annotated[int, Field(ge=0, le=MAX_NUMEL)]
     takeover: bool = False
+    check: bool = False  # a copy for the slice's verifier (see ``verify``), not a part to reduce
 
 
 class ReduceRefusal(Message):
@@ -104,6 +108,42 @@ class SliceTrailer(Message):
     clipped: Annotated[
         dict[PeerId, Annotated[float, Field(ge=0.0, le=1.0)]], Field(max_length=MAX_MEMBERS)
     ] = {}
+    sha256: Sha256  # of the averaged chunks sent, in order
+    signature: Signature  # the reducer's, over (run, group, slice, sha256): see ``verify``
+
+
+class Seal(Message):
+    """A reducer's signed word on what it sent for one slice."""
+
+    slice: Annotated[int, Field(ge=0, lt=MAX_MEMBERS)]
+    reducer: PeerId
+    sha256: Sha256
+    signature: Signature
+
+
+class Accusation(Message):
+    """A verifier's signed finding that a reducer's average is not what its parts give."""
+
+    slice: Annotated[int, Field(ge=0, lt=MAX_MEMBERS)]
+    reducer: PeerId
+    verifier: PeerId
+    reason: Reason
+    signature: Signature
+
+
+class CommitPost(Message):
+    """What a member tells every witness after the data phase: the seals it holds, its findings."""
+
+    group_id: GroupId
+    seals: Annotated[list[Seal], Field(max_length=MAX_MEMBERS)]
+    accusations: Annotated[list[Accusation], Field(max_length=MAX_MEMBERS)] = []
+
+
+class CommitReply(Message):
+    """Every distinct seal and accusation a witness holds for the group."""
+
+    seals: Annotated[list[Seal], Field(max_length=4 * MAX_MEMBERS)]
+    accusations: Annotated[list[Accusation], Field(max_length=MAX_MEMBERS)] = []
 
 
 # ---- the training state ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,11 +55,55 @@ def weighted_mean(parts: list[tuple[float, torch.Tensor]], numel: int) -> tuple[
 
 
 @dataclass
-class _ChunkOutcome:
-    reply: bytes = b""
+class ChunkOutcome:
+    average: torch.Tensor | None = None  # None: no valid part
+    reply: bytes = b""  # the encoded average
     total: float = 0.0
     refused: list[tuple[str, CodecError]] = field(default_factory=list)
     clipped: dict[str, float] = field(default_factory=dict)
+
+
+def combine(
+    codec: Codec, mode: str, tau: float, parts: list[tuple[str, float, bytes | bytearray]], n: int
+) -> ChunkOutcome:
+    """Decode, check and combine one chunk's parts (peer, weight, payload), in the given order:
+    the plain weighted mean decoded straight into one accumulator, or the robust clipped mean."""
+    outcome = ChunkOutcome()
+    if mode == "mean":
+        acc = torch.zeros(n, dtype=torch.float32)
+        for peer_id, weight, payload in parts:
+            try:
+                codec.decode_accumulate(payload, acc, weight)  # leaves acc untouched on error
+            except CodecError as e:
+                outcome.refused.append((peer_id, e))
+                continue
+            outcome.total += weight
+        if outcome.total > 0.0:
+            outcome.average = acc.div_(outcome.total)
+        return outcome
+    rows, used = torch.empty(len(parts), n, dtype=torch.float32), []
+    for peer_id, weight, payload in parts:
+        try:
+            rows[len(used)] = codec.decode(payload, n)
+        except CodecError as e:
+            outcome.refused.append((peer_id, e))
+            continue
+        used.append((peer_id, weight))
+    if used:
+        outcome.average, outcome.total, scales = aggregation.clipped_mean(
+            rows[: len(used)], [w for _, w in used], tau
+        )
+        outcome.clipped = {p: s for (p, _), s in zip(used, scales, strict=True) if s < 1.0}
+    return outcome
+
+
+def part_weights(group: Group, mode: str) -> dict[str, float]:
+    """Each member's weight in the average: its declared tokens (capped by ``clip``: a token count
+    is only its sender's claim)."""
+    declared = [m.weight for m in group.members]
+    if mode != "mean":
+        declared = aggregation.bounded_weights(declared)
+    return dict(zip((m.peer_id for m in group.members), declared, strict=True))
 
 
 class SliceFailed(Exception):
@@ -81,19 +126,18 @@ class SliceReduction:
         tau: float = 2.0,
         takeover: bool = False,
         first_chunk: int = 0,
+        seal: Callable[[str, int, str], str] | None = None,
     ) -> None:
         self.group, self.index, (self.lo, self.hi) = group, index, bounds
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
         self.aggregation, self.tau = aggregation_mode, tau
+        self.seal = seal  # (group id, slice, sha256 of the averaged chunks) -> our signature
         # the slice of a lost reducer: every live member must take part (see ``takeover``)
         self.takeover = takeover
         self.deadline = time.monotonic() + timeout
         self.chunks = chunk_bounds(self.numel, group.chunk)
         self.order = [m.peer_id for m in group.members]
-        declared = [m.weight for m in group.members]
-        if aggregation_mode != "mean":  # a token count is only its sender's claim
-            declared = aggregation.bounded_weights(declared)
-        self.weights = dict(zip(self.order, declared, strict=True))
+        self.weights = part_weights(group, aggregation_mode)
         self.expected = set(self.order)  # members not (yet) left out
         self.streaming: set[str] = set()  # members whose part is coming in
         self.excluded: dict[str, str] = {}
@@ -214,53 +258,24 @@ class SliceReduction:
         if not self.expected:
             raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
 
-    def _reduce_chunk(self, c: int, parts: list[tuple[str, float, bytes | bytearray]]) -> _ChunkOutcome:
+    def _reduce_chunk(self, c: int, parts: list[tuple[str, float, bytes | bytearray]]) -> ChunkOutcome:
         """(an executor thread) Decode, check and combine the parts of chunk ``c`` in group order."""
         lo, hi = self.chunks[c]
-        outcome = _ChunkOutcome()
-        if self.aggregation == "mean":
-            average = self._fused_mean(parts, hi - lo, outcome)
-        else:
-            average = self._robust(parts, hi - lo, outcome)
-        outcome.reply = self.codec.encode(average)
+        outcome = combine(self.codec, self.aggregation, self.tau, parts, hi - lo)
+        if outcome.average is None:
+            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
+        outcome.reply = self.codec.encode(outcome.average)
         return outcome
 
-    def _fused_mean(self, parts: list, n: int, outcome: _ChunkOutcome) -> torch.Tensor:
-        acc = torch.zeros(n, dtype=torch.float32)
-        for peer_id, weight, payload in parts:
-            try:
-                self.codec.decode_accumulate(payload, acc, weight)  # leaves acc untouched on error
-            except CodecError as e:
-                outcome.refused.append((peer_id, e))
-                continue
-            outcome.total += weight
-        if outcome.total == 0.0:
-            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
-        return acc.div_(outcome.total)
-
-    def _robust(self, parts: list, n: int, outcome: _ChunkOutcome) -> torch.Tensor:
-        rows, used = torch.empty(len(parts), n, dtype=torch.float32), []
-        for peer_id, weight, payload in parts:
-            try:
-                rows[len(used)] = self.codec.decode(payload, n)
-            except CodecError as e:
-                outcome.refused.append((peer_id, e))
-                continue
-            used.append((peer_id, weight))
-        if not used:
-            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
-        average, outcome.total, scales = aggregation.clipped_mean(
-            rows[: len(used)], [w for _, w in used], self.tau
-        )
-        outcome.clipped = {p: s for (p, _), s in zip(used, scales, strict=True) if s < 1.0}
-        return average
-
     def _make_trailer(self) -> SliceTrailer:
+        sha256 = self._hash.hexdigest()
         return SliceTrailer(
             total_weight=min(self.totals, default=0.0),
             included=len(self.expected),
             excluded=dict(self.excluded),
             clipped=dict(self.clipped),
+            sha256=sha256,
+            signature=self.seal(self.group.group_id, self.index, sha256) if self.seal else "",
         )
 
     @property

@@ -25,7 +25,9 @@ from p2p_trainer.swarm.matchmaking import Group, Matchmaker
 from p2p_trainer.swarm.node import Interrupted
 from p2p_trainer.swarm.observer import Observer
 from p2p_trainer.swarm.records import ProgressRecord, Records, others
+from p2p_trainer.swarm.reducer import ReducerFault
 from p2p_trainer.swarm.state import Download, StateServer, TrainingState
+from p2p_trainer.swarm.verify import Signer
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +37,16 @@ _LEAVE_GRACE_S = 3.0  # a peer asked to leave during an all-reduce gives the rou
 class SwarmPeer(Observer):
     """A training peer of the swarm of ``cfg.run_id``: ``fingerprint`` (model config, tokenizer, data
     mix, codec, ...) must equal the swarm's. Raises SwarmError with a one-line reason.
-    ``fault``: test seam, see ``OutgoingPart``."""
+    ``fault``, ``reducer_fault``: test seams, see ``OutgoingPart`` and ``ReducerFault``."""
 
-    def __init__(self, cfg: SwarmConfig, fingerprint: dict, *, fault: Fault | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        fingerprint: dict,
+        *,
+        fault: Fault | None = None,
+        reducer_fault: ReducerFault | None = None,
+    ) -> None:
         try:
             self._codec = get_codec(cfg.codec)
             self._codec.encode(
@@ -49,6 +58,7 @@ class SwarmPeer(Observer):
         super().__init__(cfg)
         try:
             self._node.call(self._start(fingerprint, fault), timeout=60.0)
+            self.reducer_fault = reducer_fault
             self.visible_maddrs: list[str] = self._node.call(self._node.visible_maddrs(), timeout=30.0)
         except TimeoutError:
             self.shutdown()
@@ -84,8 +94,11 @@ class SwarmPeer(Observer):
             codec=self._codec,
             timeout=cfg.allreduce_timeout,
             max_weight=cfg.max_weight,
+            signer=Signer(cfg.run_id, self._node.identity.private_key, self.peer_id, self._board.public_key),
             aggregation=cfg.aggregation,
             tau=cfg.aggregation_tau,
+            recheck=cfg.recheck,
+            ban=self._matchmaker.ban,
             fault=fault,
         )
         self._downloader = Downloader(p2p, self._board, cfg.run_id, self.peer_id, cfg.state_timeout)
@@ -105,6 +118,15 @@ class SwarmPeer(Observer):
     def fault(self, fault: Fault | None) -> None:
         """Tests swap the fault hook between rounds."""
         self._allreducer.fault = fault
+
+    @property
+    def reducer_fault(self) -> ReducerFault | None:
+        return self._allreducer.service.fault
+
+    @reducer_fault.setter
+    def reducer_fault(self, fault: ReducerFault | None) -> None:
+        """Tests make this peer a lying reducer (see ``ReducerFault``)."""
+        self._allreducer.service.fault = fault
 
     # ---- progress ----
     def publish_progress(

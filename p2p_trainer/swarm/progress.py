@@ -35,6 +35,7 @@ from p2p_trainer.swarm.records import ProgressRecord, Records, _ProgressModel
 logger = logging.getLogger(__name__)
 
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
+_MAX_CACHED = 4096  # entries of the owner and complaint caches
 
 
 class _RunSchema(pv1.BaseModel):
@@ -73,7 +74,8 @@ class ProgressBoard:
         self._read_at = -math.inf  # monotonic time the cached read started
         self._reader: asyncio.Task | None = None
         self._reader_started = -math.inf
-        self._owners: dict[bytes, str] = {}
+        self._owners: dict[bytes, str | None] = {}
+        self._keys: dict[str, bytes] = {}  # peer id -> its signing key, for checking its signatures
         self._complained: set[tuple[str, str]] = set()
         self._refresh_asked = -math.inf
 
@@ -236,15 +238,26 @@ class ProgressBoard:
 
     def _owner(self, subkey: Any) -> str | None:
         if subkey not in self._owners:
+            if len(self._owners) >= _MAX_CACHED:  # keys of peers long gone: start over
+                self._owners.clear()
+                self._keys.clear()
             match = _OWNER_RE.fullmatch(subkey) if isinstance(subkey, bytes) else None
             try:
                 self._owners[subkey] = peer_id_of_public_key(match.group(1)) if match else None
             except ValueError:
                 self._owners[subkey] = None
+            if self._owners[subkey] is not None:
+                self._keys[self._owners[subkey]] = match.group(1)
         return self._owners[subkey]
+
+    def public_key(self, peer_id: str) -> bytes | None:
+        """The signing key (OpenSSH form) of a peer whose records we read, or None."""
+        return self._keys.get(peer_id)
 
     def _complain(self, peer_id: str, what: str) -> None:
         if (peer_id, what) not in self._complained:
+            if len(self._complained) >= _MAX_CACHED:
+                self._complained.clear()
             self._complained.add((peer_id, what))
             logger.warning(f"peer {peer_id}: {what}")
 

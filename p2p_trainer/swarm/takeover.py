@@ -21,6 +21,7 @@ from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.matchmaking import Group
 from p2p_trainer.swarm.messages import SliceTrailer
 from p2p_trainer.swarm.partition import SliceReduction
+from p2p_trainer.swarm.verify import CheckBuffer, CommitPool
 
 
 @dataclass
@@ -31,6 +32,7 @@ class SliceAnswer:
     trailer: SliceTrailer | None = None  # set when the slice completed
     gone: bool = False  # the reducer was found gone (stream broke, or silence)
     error: str = ""  # the reducer answered with an error
+    server: str = ""  # who sent the chunks and signed the trailer (the reducer, or its backup)
 
     @property
     def complete(self) -> bool:
@@ -48,6 +50,9 @@ class RoundState:
     lost: dict[str, str] = field(default_factory=dict)  # reducers found gone -> why
     takeovers: dict[int, SliceReduction] = field(default_factory=dict)  # slices of lost reducers we reduce
     answers: dict[int, asyncio.Future[SliceAnswer]] = field(default_factory=dict)
+    final: dict[int, SliceAnswer] = field(default_factory=dict)  # what we apply, slice by slice
+    checks: dict[int, CheckBuffer] = field(default_factory=dict)  # slices we verify (see ``verify``)
+    pool: CommitPool | None = None  # the seals and accusations members posted to us
 
     def answer(self, index: int) -> asyncio.Future[SliceAnswer]:
         """What slice ``index``'s reducer gave us (resolved once our exchange with it ended)."""

@@ -9,7 +9,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from p2p_trainer.codec import Codec
 from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
+from p2p_trainer.swarm.reducer import ReducerFault
 
 
 def nan_values(part: OutgoingPart) -> OutgoingPart:
@@ -55,3 +57,25 @@ def parse(spec: str) -> Fault:
             pass
     choices = [*_SIMPLE, *(f"{n}:SECONDS" for n in _WITH_SECONDS)]
     raise ValueError(f"unknown fault {spec!r}; choices: {', '.join(choices)}")
+
+
+# ---- a lying reducer (``SwarmPeer(reducer_fault=...)``): what it sends back instead of the average ----
+def wrong_average(codec: Codec, factor: float) -> ReducerFault:
+    """Send every member the same wrong average: the true one times ``factor``."""
+
+    def hook(member: str, chunk: int, reply: bytes) -> bytes:
+        values = codec.decode(reply, _numel(codec, reply))
+        return codec.encode(values * factor)
+
+    return hook
+
+
+def equivocate(codec: Codec, victims: Callable[[str], bool]) -> ReducerFault:
+    """Send the members for which ``victims`` is true another average (the true one negated)."""
+    lie = wrong_average(codec, -1.0)
+    return lambda member, chunk, reply: lie(member, chunk, reply) if victims(member) else reply
+
+
+def _numel(codec: Codec, payload: bytes) -> int:
+    """How many values a payload of our codecs holds (fp32: raw; int8: the u64 after the magic)."""
+    return len(payload) // 4 if codec.name == "fp32" else int.from_bytes(payload[8:16], "little")

@@ -1,0 +1,230 @@
+"""Catching a lying reducer: signed slice hashes that every member cross-checks, and random
+re-checks of a reducer's arithmetic (as BTARD does). No networking here: the wire protocol moves
+these messages, this module decides what they prove.
+
+Seals. The reducer of a slice signs (run, group, slice, sha256 of every averaged chunk it sent, in
+order) and puts the signature in its trailer; a member refuses a slice whose bytes do not hash to
+the sealed value. After the data phase every member posts the seals it holds to every full member of
+the group (the witnesses) and reads back every seal they hold. A seal is self-authenticating, so
+a witness can withhold one but never forge one. Two different hashes for one slice mean the round
+is not the same everywhere: every member that sees them keeps θ; when both carry the same reducer's
+signature, that reducer equivocated, and it is banned.
+
+Re-checks. With probability ``p`` per slice, drawn from the group id (the same draw on every
+member), the slice's verifier (the next full member after its reducer) also receives every member's
+part, recomputes the average of the parts the reducer says it used, and compares it with what the
+reducer sent. A difference beyond rounding (``_TOLERANCE``, relative L2) becomes an accusation
+signed by the verifier; every member that reads it keeps θ. So a reducer that sends one wrong result
+to everyone is caught in a round with probability ``p``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+from p2p_trainer.codec import Codec, CodecError
+from p2p_trainer.swarm.matchmaking import Group
+from p2p_trainer.swarm.messages import Accusation, CommitPost, CommitReply, PartHeader, Seal, SliceTrailer
+from p2p_trainer.swarm.partition import chunk_bounds, combine
+
+_TOLERANCE = 1e-3  # relative L2 between a reducer's average and a verifier's recomputation
+
+
+def checked_slices(group_id: str, n_slices: int, p: float) -> set[int]:
+    """The slices re-checked this round: the same on every member (drawn from the group id)."""
+    if n_slices < 2 or p <= 0:
+        return set()
+    draws = (
+        int.from_bytes(hashlib.sha256(f"{group_id}|{i}".encode()).digest()[:8], "big")
+        for i in range(n_slices)
+    )
+    return {i for i, draw in enumerate(draws) if draw < p * 2**64}
+
+
+def verifier_of(group: Group, index: int) -> str:
+    reducers = group.reducers
+    return reducers[(index + 1) % len(reducers)]
+
+
+class Signer:
+    """Signs and checks seals and accusations of one run, with our key and the swarm's keys."""
+
+    def __init__(
+        self, run_id: str, private_key: RSAPrivateKey, peer_id: str, key_of: Callable[[str], bytes | None]
+    ):
+        self.run_id, self._key, self.peer_id, self._key_of = run_id, private_key, peer_id, key_of
+
+    def _seal_bytes(self, group_id: str, index: int, sha256: str) -> bytes:
+        return f"p2p-trainer seal|{self.run_id}|{group_id}|{index}|{sha256}".encode()
+
+    def _accusation_bytes(self, group_id: str, a: Accusation) -> bytes:
+        return f"p2p-trainer accusation|{self.run_id}|{group_id}|{a.slice}|{a.reducer}|{a.verifier}".encode()
+
+    def seal(self, group_id: str, index: int, sha256: str) -> str:
+        return self._key.sign(self._seal_bytes(group_id, index, sha256)).decode()
+
+    def accuse(self, group_id: str, index: int, reducer: str, reason: str) -> Accusation:
+        unsigned = Accusation(
+            slice=index, reducer=reducer, verifier=self.peer_id, reason=reason[:500], signature=""
+        )
+        signature = self._key.sign(self._accusation_bytes(group_id, unsigned)).decode()
+        return unsigned.model_copy(update={"signature": signature})
+
+    def _valid(self, peer_id: str, data: bytes, signature: str) -> bool:
+        if peer_id == self.peer_id:
+            return self._key.get_public_key().verify(data, signature.encode())
+        key = self._key_of(peer_id)
+        if key is None:
+            return False
+        try:
+            return RSAPublicKey.from_bytes(key).verify(data, signature.encode())
+        except ValueError:
+            return False
+
+    def valid_seal(self, group_id: str, seal: Seal) -> bool:
+        return self._valid(seal.reducer, self._seal_bytes(group_id, seal.slice, seal.sha256), seal.signature)
+
+    def valid_accusation(self, group_id: str, accusation: Accusation) -> bool:
+        data = self._accusation_bytes(group_id, accusation)
+        return self._valid(accusation.verifier, data, accusation.signature)
+
+    def check_trailer(
+        self, group_id: str, index: int, reducer: str, trailer: SliceTrailer, sha256: str
+    ) -> str | None:
+        """Why the trailer of slice ``index`` does not vouch for the bytes we got (``sha256``), or None."""
+        if trailer.sha256 != sha256:
+            return f"its averaged chunks hash to {sha256[:12]}, its seal says {trailer.sha256[:12]}"
+        if not self.valid_seal(
+            group_id, Seal(slice=index, reducer=reducer, sha256=sha256, signature=trailer.signature)
+        ):
+            return "its seal is not its signature"
+        return None
+
+
+class CommitPool:
+    """A witness's view of one group's commit phase: the seals and accusations posted, by whom."""
+
+    def __init__(self, group: Group, signer: Signer) -> None:
+        self.group, self.signer = group, signer
+        self.seals: dict[tuple[int, str, str], Seal] = {}
+        self.accusations: dict[tuple[int, str, str], Accusation] = {}
+        self.posted: set[str] = set()
+        self._changed = asyncio.Event()
+
+    def add(self, sender: str, post: CommitPost) -> None:
+        if self.group.member(sender) is None:
+            return
+        self.posted.add(sender)
+        n = len(self.group.reducers)
+        for seal in post.seals:
+            key = (seal.slice, seal.reducer, seal.sha256)
+            if seal.slice < n and key not in self.seals and self.signer.valid_seal(self.group.group_id, seal):
+                self.seals[key] = seal
+        for accusation in post.accusations:
+            key = (accusation.slice, accusation.reducer, accusation.verifier)
+            if key not in self.accusations and accusation.verifier == sender:
+                if self.signer.valid_accusation(self.group.group_id, accusation):
+                    self.accusations[key] = accusation
+        self._changed.set()
+
+    async def wait(self, expected: set[str], deadline: float) -> None:
+        """Until everyone in ``expected`` posted, or the deadline."""
+        while not expected <= self.posted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def reply(self) -> CommitReply:
+        return CommitReply(
+            seals=list(self.seals.values())[: 4 * 256], accusations=list(self.accusations.values())
+        )
+
+
+def verdict(
+    group: Group, signer: Signer, mine: list[Seal], replies: list[CommitReply]
+) -> tuple[str, set[str]]:
+    """(why the round must not be applied or "", reducers proven to equivocate)."""
+    group_id = group.group_id
+    hashes: dict[int, set[str]] = {}
+    signed: dict[tuple[int, str], set[str]] = {}
+    for seal in [*mine, *(s for r in replies for s in r.seals)]:
+        if seal in mine or signer.valid_seal(group_id, seal):
+            hashes.setdefault(seal.slice, set()).add(seal.sha256)
+            signed.setdefault((seal.slice, seal.reducer), set()).add(seal.sha256)
+    liars = {reducer for (_, reducer), found in signed.items() if len(found) > 1}
+    accusations = [a for r in replies for a in r.accusations if signer.valid_accusation(group_id, a)]
+    if liars:
+        return f"reducer(s) {', '.join(sorted(liars))} sent different averages to different members", liars
+    split = sorted(i for i, found in hashes.items() if len(found) > 1)
+    if split:
+        return f"members hold different averages of slice(s) {split} (a takeover that did not agree)", set()
+    if accusations:
+        a = accusations[0]
+        return (
+            f"verifier {a.verifier} found reducer {a.reducer}'s average of slice {a.slice} wrong: {a.reason}",
+            set(),
+        )
+    return "", set()
+
+
+class CheckBuffer:
+    """A verifier's copy of every member's part of one slice, for recomputing the reducer's average."""
+
+    def __init__(self, group: Group, index: int, bounds: tuple[int, int], weights: dict[str, float]) -> None:
+        self.group, self.index, (self.lo, self.hi), self.weights = group, index, bounds, weights
+        self.chunks = chunk_bounds(self.hi - self.lo, group.chunk)
+        self.payloads: dict[str, list[bytes | bytearray]] = {}
+
+    def check(self, sender: str, header: PartHeader) -> str | None:
+        declared = self.group.member(sender)
+        if declared is None or sender in self.payloads:
+            return "not a member, or a second copy"
+        if header.weight != declared.weight or header.numel != self.hi - self.lo:
+            return "its copy does not match its join request"
+        self.payloads[sender] = []
+        return None
+
+    def max_payload(self, chunk: int) -> int:
+        lo, hi = self.chunks[chunk]
+        return 8 * (hi - lo) + (1 << 16)
+
+    def submit(self, sender: str, chunk: int, payload: bytes | bytearray) -> None:
+        parts = self.payloads.get(sender)
+        if parts is not None and len(parts) == chunk:
+            parts.append(payload)
+
+    def mismatch(
+        self, codec: Codec, mode: str, tau: float, trailer: SliceTrailer, replies: list[bytes]
+    ) -> str | None:
+        """(an executor thread) Why the reducer's ``replies`` are not the average of the parts it
+        says it used, or None (also None when we lack one of those parts: no finding without proof)."""
+        used = [m.peer_id for m in self.group.members if m.peer_id not in trailer.excluded]
+        if any(len(self.payloads.get(p, ())) != len(self.chunks) for p in used) or len(replies) != len(
+            self.chunks
+        ):
+            return None
+        for c, (lo, hi) in enumerate(self.chunks):
+            parts = [(p, self.weights[p], self.payloads[p][c]) for p in used]
+            ours = combine(codec, mode, tau, parts, hi - lo)
+            if ours.refused or ours.average is None:
+                return None  # the reducer should have left that part out: not our finding to make
+            try:
+                theirs = codec.decode(replies[c], hi - lo)
+            except CodecError:
+                return f"chunk {c} does not decode"
+            expected = codec.decode(codec.encode(ours.average), hi - lo)
+            scale = max(float(expected.norm()), 1e-30)
+            error = float((theirs - expected).norm()) / scale
+            if error > _TOLERANCE:
+                return f"chunk {c} differs from the average of its parts by {error:.3g} (relative L2)"
+        return None
