@@ -5,11 +5,12 @@ swarm's state and make it ours on every local rank; and serve our own state to p
 from __future__ import annotations
 
 import logging
+import time
 
 from p2p_trainer.metrics import MetricsWriter
 from p2p_trainer.outer_sync import OuterSync
 from p2p_trainer.swarm import Download, SwarmError, SwarmPeer
-from p2p_trainer.swarm.records import out_of_sync
+from p2p_trainer.swarm.records import StepHorizon, out_of_sync
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class CatchUp:
         self.with_inner = with_inner and self.ranks.world == 1
         self.progress_bar = progress_bar
         self.resumed_step: int | None = None  # set after a resume: the first check says how it went
+        self.avoid: set[str] = set()  # θ hashes this peer found unusable (see ``guard``): never downloaded
+        self.horizon = StepHorizon()  # how far ahead the swarm can plausibly be
 
     def check(self, outer_step: int) -> int | None:
         """On every rank: the outer step of the swarm's state once it is ours, or None when we are in
@@ -41,6 +44,7 @@ class CatchUp:
             return None
         new_step, inner_step = self.outer.adopt(download.state if download is not None else None)
         if self.ranks.leader:
+            self.horizon.reached(new_step, time.monotonic(), by_round=False)
             self.metrics.write(
                 "state_download",
                 outer_step=new_step,
@@ -61,10 +65,14 @@ class CatchUp:
     def _download_if_needed(self, outer_step: int) -> Download | None:
         """Leader only: a verified download of the swarm's state when we need one, else None."""
         reason = None
+        if self.horizon.step is None:
+            self.horizon.reached(outer_step, time.monotonic(), by_round=False)
+        max_step = self.horizon.max_step(time.monotonic())
         try:
             records = self.swarm.swarm_records()
+            sha = self.outer.committed_sha256
             reason = out_of_sync(
-                records, self.swarm.peer_id, outer_step, self.outer.committed_sha256, check_hash=True
+                records, self.swarm.peer_id, outer_step, sha, check_hash=True, max_step=max_step
             )
         except (SwarmError, TimeoutError) as e:
             logger.warning("could not read the swarm's progress: %s", e)
@@ -77,11 +85,19 @@ class CatchUp:
         if reason is None:
             return None
         download = self.swarm.download_state(
-            numel=self.outer.diloco.master.numel(), want_inner=self.with_inner, progress=self.progress_bar
+            numel=self.outer.diloco.master.numel(),
+            want_inner=self.with_inner,
+            progress=self.progress_bar,
+            avoid=self.avoid,
+            max_step=max_step,
         )
         if download is None:
             logger.warning("no state downloaded: this peer trains on its own θ and tries again later")
         return download
+
+    def advanced(self, outer_step: int) -> None:
+        """Leader: a round of ours took us to ``outer_step`` (how fast rounds go bounds what we believe)."""
+        self.horizon.reached(outer_step, time.monotonic(), by_round=True)
 
     def serve(self) -> None:
         """Leader only: serve θ as of our last outer step to peers that join or catch up (a snapshot:

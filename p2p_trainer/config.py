@@ -8,6 +8,7 @@ fails with one line naming the bad value instead of a traceback deep inside trai
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ class SwarmConfig:
     aggregation_tau: float = _f(
         2.0, "clip radius, in median distances of the parts to the robust centre (larger: closer to the mean)"
     )
+    private: list = _f(
+        [],
+        "a private run: the peer ids allowed in it (keep each peer's id with --identity); progress records, "
+        "rounds and downloads of any other peer are refused. Empty: an open run (see docs/security.md)",
+    )
     recheck: float = _f(
         0.1,
         "probability that a slice's average is recomputed by another member in a round (catches a reducer "
@@ -224,6 +230,11 @@ class SwarmConfig:
         if self.aggregation not in ("clip", "mean"):
             raise ConfigError(f"swarm.aggregation={self.aggregation!r} must be 'clip' or 'mean'")
         _positive("swarm.aggregation_tau", self.aggregation_tau)
+        for peer_id in self.private:
+            if not isinstance(peer_id, str) or not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{32,64}", peer_id):
+                raise ConfigError(
+                    f"swarm.private: {peer_id!r} is not a peer id (base58, as `train` prints it)"
+                )
         if not 0.0 <= self.recheck <= 1.0:
             raise ConfigError(f"swarm.recheck={self.recheck} must be in [0, 1]")
         if not 1 <= self.allreduce_chunk <= 1 << 26:

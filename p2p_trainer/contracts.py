@@ -45,7 +45,7 @@ def run_fingerprint(cfg: Config, tokenizer_sha256: str, vocab_size: int) -> dict
         "data_mix": [[s["name"], float(s.get("weight", 1.0))] for s in cfg.data.sources],
         "seq_len": cfg.model.seq_len,
         "round_tokens": cfg.swarm.round_tokens,  # how a round closes (0: fixed H); `status` needs it for ETAs
-    }
+    } | ({"private": sorted(cfg.swarm.private)} if cfg.swarm.private else {})
 
 
 def canonical_fingerprint(fingerprint: dict) -> str:

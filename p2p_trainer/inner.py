@@ -184,6 +184,10 @@ class InnerLoop:
         if offset != flat.numel():
             raise ValueError(f"parameter vector has {flat.numel()} values, the model {offset}")
 
+    def reset_optimizer(self) -> None:
+        """Forget the AdamW moments (e.g. after they turned non-finite); the schedule position stays."""
+        self.optimizer.state.clear()
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step_count}
 

@@ -41,6 +41,7 @@ class OuterSync:
         self, ranks: LocalRanks, inner: InnerLoop, diloco: DiLoCo | None, swarm: SwarmPeer | None
     ) -> None:
         self.ranks, self.inner, self.diloco, self.swarm = ranks, inner, diloco, swarm
+        self._good: dict[str, Any] | None = None  # the last outer state that trained to a finite loss
 
     @property
     def outer_step(self) -> int:
@@ -133,6 +134,30 @@ class OuterSync:
                 "exp_avg_sq": exp_avg_sq.view(param.shape),
             }
         return {"state": shaped, "param_groups": ours["param_groups"]}
+
+    # ---- a θ that does not train ----
+    def vouch(self) -> None:
+        """Leader: the current outer state trained to a finite loss; keep a copy to fall back to
+        (one more fp32 copy of θ and of the momentum)."""
+        if self.diloco is not None and (
+            self._good is None or self._good["outer_step"] != self.diloco.outer_step
+        ):
+            self._good = self.diloco.state_dict()
+
+    def roll_back(self) -> tuple[int, str]:
+        """On every rank: back to the last outer state that trained; (its outer step, the hash of the
+        θ given up, "" on other ranks)."""
+        given_up = ""
+        if (
+            self.ranks.leader
+            and self._good is not None
+            and self._good["outer_step"] != self.diloco.outer_step
+        ):
+            given_up = self.diloco.committed_sha256
+            self.diloco.load_state_dict(self._good)
+        self.copy_to_model()
+        self.inner.reset_optimizer()
+        return self.outer_step, given_up
 
     # ---- checkpoints ----
     def checkpoint_state(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from p2p_trainer.config import Config, ConfigError
 from p2p_trainer.contracts import run_fingerprint
 from p2p_trainer.data import TokenStream, build_tokenizer, eval_batches, tokenizer_sha256
 from p2p_trainer.diloco import DiLoCo
+from p2p_trainer.guard import FiniteGuard, Outcome
 from p2p_trainer.inner import InnerLoop, StepStats, init_distributed
 from p2p_trainer.metrics import MetricsWriter
 from p2p_trainer.model import build_model
@@ -76,6 +77,7 @@ class RoundStats:
     steps: int = 0
     tokens: int = 0
     loss_sum: float = 0.0
+    rolled_back: int | None = None  # the outer step we went back to (see ``guard``)
 
     def add(self, step: StepStats) -> None:
         self.steps += 1
@@ -154,6 +156,7 @@ class Trainer:
             with_inner=cfg.swarm.download_inner_state,
             progress_bar=cfg.log.progress_bar,
         )
+        self.guard = FiniteGuard(self.outer, self.catch_up)
         if cfg.checkpoint.resume and cfg.checkpoint.dir:
             self._resume()
 
@@ -174,6 +177,10 @@ class Trainer:
                 stats = self._inner_round(step, catching_up, bar)
                 if self.stop:
                     break  # leaving: a round now would make the others wait for us in matchmaking
+                if stats.rolled_back is not None:  # θ did not train: we went back to one that did
+                    step, catching_up = stats.rolled_back, False
+                    self._announce(step, 0, 0.0, None)
+                    continue
                 caught_up = self.catch_up.check(step)
                 if caught_up is not None:  # we were behind or diverged: this round's work is dropped
                     step, catching_up = caught_up, True
@@ -195,6 +202,13 @@ class Trainer:
         while not self._round_closed(stats, step, catching_up):
             t0 = time.perf_counter()
             out = self.inner.step(self.data.next_batch())
+            outcome = self.guard.after_step(out.loss, step)
+            if outcome is Outcome.RESTARTED:
+                stats = RoundStats(started=stats.started)  # the steps so far are not in θ any more
+                continue
+            if outcome is Outcome.ROLLED_BACK:
+                stats.rolled_back = self.outer.outer_step
+                return stats
             stats.add(out)
             tok_s = out.tokens / (time.perf_counter() - t0)
             self.metrics.write(
@@ -262,6 +276,7 @@ class Trainer:
 
     def _after_outer_step(self, step: int, stats: RoundStats) -> None:
         if self.ranks.leader:
+            self.catch_up.advanced(step)
             self.catch_up.serve()
             self._announce(step, 0, stats.tokens_per_s(), stats.loss)
         if self.cfg.log.eval_every and step % self.cfg.log.eval_every == 0:

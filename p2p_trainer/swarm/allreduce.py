@@ -88,6 +88,7 @@ class AllReducer:
         tau: float = 2.0,
         recheck: float = 0.0,
         ban: Callable[[str, str], None] | None = None,
+        admitted: Callable[[str], bool] = lambda peer_id: True,
         fault: Fault | None = None,
     ) -> None:
         self._p2p, self.peer_id, self.client_mode = p2p, peer_id, client_mode
@@ -97,7 +98,12 @@ class AllReducer:
         self.fault = fault
         self.commit_timeout = min(timeout, 10.0)
         self.service = ReducerService(
-            p2p, run_id, timeout=timeout, commit_timeout=self.commit_timeout, seal=signer.seal
+            p2p,
+            run_id,
+            timeout=timeout,
+            commit_timeout=self.commit_timeout,
+            seal=signer.seal,
+            admitted=admitted,
         )
         self._tasks: set[asyncio.Task] = set()
 

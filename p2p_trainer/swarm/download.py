@@ -49,7 +49,14 @@ class Downloader:
     timeout: float  # per donor
 
     async def download(
-        self, *, numel: int, want_inner: bool, rng: random.Random, progress: bool = False
+        self,
+        *,
+        numel: int,
+        want_inner: bool,
+        rng: random.Random,
+        progress: bool = False,
+        avoid: set[str] = frozenset(),
+        max_step: int | None = None,
     ) -> Download | None:
         """The state of the swarm's outer step, verified; None when nobody gave a good one."""
         failures: list[str] = []
@@ -57,7 +64,10 @@ class Downloader:
             if attempt:
                 await asyncio.sleep(1.0)
             records = await self.board.read(max_age=0.0)
-            wanted = donors(records, self.peer_id, rng)
+            wanted = donors(records, self.peer_id, rng, max_step)
+            if wanted.params_sha256 in avoid:
+                logger.warning(f"the swarm's θ ({wanted.params_sha256[:12]}) is one this peer found unusable")
+                return None
             if not wanted.peers:
                 failures.append(
                     "no full peer holds the swarm's agreed state" if wanted.step >= 0 else "no other peer"

@@ -25,6 +25,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +138,9 @@ class Matchmaker:
         min_group_size: int,
         max_weight: float,
         chunk: int,
+        admitted: Callable[[str], bool] = lambda peer_id: True,
     ) -> None:
-        self._p2p, self._board = p2p, board
+        self._p2p, self._board, self._admitted = p2p, board, admitted
         self._handler = f"p2p_trainer.{run_id}.join"
         self.peer_id, self.client_mode, self.fingerprint = peer_id, client_mode, fingerprint_sha256
         self.timeout, self.max_weight, self.chunk = timeout, max_weight, chunk
@@ -270,6 +272,8 @@ class Matchmaker:
         self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         traffic, sender = wire.Traffic(), info.peer_id.to_base58()
+        if not self._admitted(sender):
+            return await wire.close(writer)  # a private run does not talk to peers outside it
         try:
             raw = await asyncio.wait_for(
                 wire.recv_frame(reader, messages.MAX_HEADER_BYTES, traffic), timeout=5.0

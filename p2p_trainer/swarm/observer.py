@@ -19,6 +19,9 @@ class Observer:
 
     def __init__(self, cfg: SwarmConfig) -> None:
         self.cfg = cfg
+        allowed = frozenset(cfg.private)
+        # a private run (``swarm.private``) hears nobody outside its list; an open one hears everyone
+        self.admitted = (lambda peer_id: peer_id in allowed) if allowed else (lambda peer_id: True)
         self._node = SwarmNode(cfg)
         self.peer_id: str = self._node.peer_id
         self._closed = False
@@ -37,6 +40,7 @@ class Observer:
             self.peer_id,
             cfg.record_ttl,
             client_mode=cfg.client_mode,
+            admitted=self.admitted,
         )
 
     def swarm_records(self) -> Records:

@@ -56,6 +56,12 @@ class SwarmPeer(Observer):
             raise SwarmError(f"swarm.codec: {e}") from None
         self.last_error = ""  # why the last all_reduce returned None
         super().__init__(cfg)
+        if not self.admitted(self.peer_id):
+            self.shutdown()
+            raise SwarmError(
+                f"this peer ({self.peer_id}) is not in swarm.private, the peers allowed in this private run; "
+                "add it there (on every peer) or use its --identity"
+            )
         try:
             self._node.call(self._start(fingerprint, fault), timeout=60.0)
             self.reducer_fault = reducer_fault
@@ -85,6 +91,7 @@ class SwarmPeer(Observer):
             min_group_size=cfg.min_group_size,
             max_weight=cfg.max_weight,
             chunk=cfg.allreduce_chunk,
+            admitted=self.admitted,
         )
         self._allreducer = AllReducer(
             p2p,
@@ -99,6 +106,7 @@ class SwarmPeer(Observer):
             tau=cfg.aggregation_tau,
             recheck=cfg.recheck,
             ban=self._matchmaker.ban,
+            admitted=self.admitted,
             fault=fault,
         )
         self._downloader = Downloader(p2p, self._board, cfg.run_id, self.peer_id, cfg.state_timeout)
@@ -106,7 +114,9 @@ class SwarmPeer(Observer):
         await self._allreducer.start()
         self._state_server = None
         if not cfg.client_mode:  # a client accepts no incoming streams, so it cannot serve its state
-            self._state_server = StateServer(p2p, cfg.run_id, timeout=cfg.state_timeout)
+            self._state_server = StateServer(
+                p2p, cfg.run_id, timeout=cfg.state_timeout, admitted=self.admitted
+            )
             await self._state_server.start()
         self._heartbeat = self._node.loop.create_task(self._board.heartbeat())
 
@@ -175,15 +185,28 @@ class SwarmPeer(Observer):
             self._state_server.publish(state)
 
     def download_state(
-        self, *, numel: int, want_inner: bool, progress: bool = False, rng: random.Random | None = None
+        self,
+        *,
+        numel: int,
+        want_inner: bool,
+        progress: bool = False,
+        rng: random.Random | None = None,
+        avoid: set[str] = frozenset(),
+        max_step: int | None = None,
     ) -> Download | None:
         """Blocking: the state of the swarm's outer step from a random donor, checked against the
         hash most live records published for it (see ``swarm.download``). None when there is nothing
-        to download or no donor gave a good state (the caller keeps its own)."""
+        to download or no donor gave a good state (the caller keeps its own). ``avoid``: θ hashes
+        never to take; ``max_step``: records claiming a later step are not believed."""
         if self._closed:
             return None
         coro = self._downloader.download(
-            numel=numel, want_inner=want_inner, rng=rng or random.Random(), progress=progress
+            numel=numel,
+            want_inner=want_inner,
+            rng=rng or random.Random(),
+            progress=progress,
+            avoid=avoid,
+            max_step=max_step,
         )
         try:
             return self._node.call(coro)

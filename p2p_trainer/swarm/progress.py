@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -59,8 +60,10 @@ class ProgressBoard:
         ttl: float,
         *,
         client_mode: bool = False,
+        admitted: Callable[[str], bool] = lambda peer_id: True,
     ):
         self._dht, self._peer_id, self.ttl, self.client_mode = dht, peer_id, ttl, client_mode
+        self._admitted = admitted  # a private run reads nothing of peers outside it
         self._loop = asyncio.get_running_loop()
         self._progress_key, self._fingerprint_key = f"{run_id}_progress", f"{run_id}_fingerprint"
         self._subkey = signer.local_public_key
@@ -232,7 +235,9 @@ class ProgressBoard:
         entries = {}
         for subkey, item in found.value.items():
             peer_id = self._owner(subkey)
-            if peer_id is not None:
+            if peer_id is not None and not self._admitted(peer_id):
+                self._complain(peer_id, "ignoring it: it is not one of this private run's peers")
+            elif peer_id is not None:
                 entries[peer_id] = item.value
         return entries
 

@@ -114,15 +114,46 @@ def others(records: Records, peer_id: str) -> Records:
     return {pid: r for pid, r in records.items() if pid != peer_id}
 
 
+def within(records: Records, max_step: int | None) -> Records:
+    """The records that claim no step beyond ``max_step`` (None: all of them)."""
+    return records if max_step is None else {pid: r for pid, r in records.items() if r.outer_step <= max_step}
+
+
+@dataclass
+class StepHorizon:
+    """How far ahead of us the swarm can plausibly be: records are free, so a claim of a far step
+    (a few cheap ids saying "outer step 10^6") is only believed as fast as rounds really happen:
+    one step per half of the shortest round we took part in, counted from the last step we
+    reached ourselves (by a round or a download). Until we know a round's length, nothing is capped:
+    a newcomer has to take the swarm's word (see docs/security.md)."""
+
+    step: int | None = None
+    at: float = 0.0
+    round_s: float | None = None
+
+    def reached(self, step: int, now: float, *, by_round: bool) -> None:
+        if by_round and self.step is not None and step == self.step + 1 and now > self.at:
+            elapsed = now - self.at
+            self.round_s = elapsed if self.round_s is None else min(self.round_s, elapsed)
+        self.step, self.at = step, now
+
+    def max_step(self, now: float) -> int | None:
+        if self.step is None or self.round_s is None:
+            return None
+        return self.step + 1 + int(max(now - self.at, 0.0) / (0.5 * self.round_s))
+
+
 # ---- catching up ----------------------------------------------------------------------------------
-def out_of_sync(records: Records, peer_id: str, step: int, sha: str, *, check_hash: bool) -> str | None:
+def out_of_sync(
+    records: Records, peer_id: str, step: int, sha: str, *, check_hash: bool, max_step: int | None = None
+) -> str | None:
     """Why this peer (at ``step`` with θ hash ``sha``) must download the swarm's state, or None.
 
     Behind: the other peers' agreed step (median, never the max one record claims) is ahead of
     ours, e.g. we joined late or missed a round the others completed. Diverged: at our own step
     most live records (ours counted) hold another θ, e.g. we were alone in a round or the swarm
-    split into two groups at start-up."""
-    rest = others(records, peer_id)
+    split into two groups at start-up. Records beyond ``max_step`` (see ``StepHorizon``) do not count."""
+    rest = within(others(records, peer_id), max_step)
     swarm_step = swarm_outer_step(rest)
     if swarm_step is None:
         return None
@@ -150,10 +181,10 @@ class Donors:
     peers: list[str]
 
 
-def donors(records: Records, peer_id: str, rng: random.Random) -> Donors:
+def donors(records: Records, peer_id: str, rng: random.Random, max_step: int | None = None) -> Donors:
     """The swarm's step, the θ hash most records hold there (and among those, the state hash most
-    hold), and the full peers that published both."""
-    rest = others(records, peer_id)
+    hold), and the full peers that published both; records beyond ``max_step`` do not count."""
+    rest = within(others(records, peer_id), max_step)
     step = swarm_outer_step(rest)
     sha = agreed_hash(rest, step) if step is not None else None
     if step is None or sha is None:

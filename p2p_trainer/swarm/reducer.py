@@ -48,8 +48,10 @@ class ReducerService:
         timeout: float,
         commit_timeout: float,
         seal: Callable[[str, int, str], str],
+        admitted: Callable[[str], bool] = lambda peer_id: True,
     ) -> None:
         self._p2p, self.timeout, self.commit_timeout, self._seal = p2p, timeout, commit_timeout, seal
+        self._admitted = admitted
         self.fault: ReducerFault | None = None
         self.part_handler, self.commit_handler = f"p2p_trainer.{run_id}.part", f"p2p_trainer.{run_id}.commit"
         self.peer_id = ""
@@ -99,10 +101,12 @@ class ReducerService:
 
     # ---- every stream ----
     def _guarded(self, handler):
-        """Per-peer stream limit, and nothing a peer sends ends our process."""
+        """Admission, a per-peer stream limit, and nothing a peer sends ends our process."""
 
         async def guarded(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             sender, traffic = info.peer_id.to_base58(), wire.Traffic()
+            if not self._admitted(sender):
+                return await wire.close(writer)  # a private run does not talk to peers outside it
             if self._streams[sender] >= _STREAMS_PER_PEER:
                 logger.warning(
                     f"refusing a stream from {sender}: it has {self._streams[sender]} open already"

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,8 +104,10 @@ def _encode(state: TrainingState, with_inner: bool) -> tuple[bytes, str]:
 class StateServer:
     """Serves our latest snapshot to peers that ask (full peers only: clients accept no streams)."""
 
-    def __init__(self, p2p: P2P, run_id: str, *, timeout: float) -> None:
-        self._p2p, self._handler, self.timeout = p2p, handler_name(run_id), timeout
+    def __init__(
+        self, p2p: P2P, run_id: str, *, timeout: float, admitted: Callable[[str], bool] = lambda peer_id: True
+    ) -> None:
+        self._p2p, self._handler, self.timeout, self._admitted = p2p, handler_name(run_id), timeout, admitted
         self._snapshot: _Snapshot | None = None
         self._serving: set[str] = set()
 
@@ -128,6 +131,8 @@ class StateServer:
 
     async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         traffic, sender = wire.Traffic(), info.peer_id.to_base58()
+        if not self._admitted(sender):
+            return await wire.close(writer)  # a private run does not talk to peers outside it
         snapshot = self._snapshot  # a newer snapshot may replace it while we send: we finish this one
         serving = False
         try:
