@@ -42,6 +42,13 @@ BENCHES = [
         "loopback all-reduce, 16M fp32 per peer: ours (int8, fp32) vs stock hivemind (none, fp16)",
     ),
     (
+        "attacks",
+        "bench.bench_attacks",
+        {},
+        True,
+        "one of 4 DiLoCo workers hostile, 8 rounds: held-out loss, robust aggregation vs the plain mean",
+    ),
+    (
         "netns",
         "bench.bench_netns",
         {},

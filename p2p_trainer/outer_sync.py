@@ -42,6 +42,8 @@ class OuterSync:
     ) -> None:
         self.ranks, self.inner, self.diloco, self.swarm = ranks, inner, diloco, swarm
         self._good: dict[str, Any] | None = None  # the last outer state that trained to a finite loss
+        # the schedule position when θ was last committed (the one we serve and publish with it)
+        self.committed_inner_step = inner.step_count
 
     @property
     def outer_step(self) -> int:
@@ -64,6 +66,7 @@ class OuterSync:
             elapsed = time.perf_counter() - started
             return RoundReport(False, {"allreduce_s": elapsed}, error=self.swarm.last_error)
         self.diloco.apply(result.average)
+        self.committed_inner_step = self.inner.step_count
         finite = bool(torch.isfinite(self.diloco.master).all())
         return RoundReport(True, result.metrics(), self.diloco.committed_sha256, finite)
 
@@ -81,7 +84,7 @@ class OuterSync:
         return {
             "params_sha256": self.diloco.committed_sha256,
             "state_sha256": self.diloco.committed_state_sha256,
-            "inner_step": self.inner.step_count,
+            "inner_step": self.committed_inner_step,
         }
 
     # ---- the state others download, and a downloaded one ----
@@ -94,7 +97,7 @@ class OuterSync:
             self.diloco.committed_sha256,
             diloco["master"],
             diloco["momentum"],
-            self.inner.step_count,
+            self.committed_inner_step,
             inner,
         )
 
@@ -107,7 +110,7 @@ class OuterSync:
             )
         self.copy_to_model()
         outer_step, inner_step = self.ranks.share((state.outer_step, state.inner_step) if state else None)
-        self.inner.step_count = inner_step
+        self.inner.step_count = self.committed_inner_step = inner_step
         if state is not None and state.inner_optimizer is not None and self.ranks.world == 1:
             try:
                 self.inner.load_state_dict({"optimizer": self._inner_optimizer(state), "step": inner_step})
@@ -172,3 +175,4 @@ class OuterSync:
         self.copy_to_model()
         if saved.get("inner") is not None and self.ranks.world == 1:
             self.inner.load_state_dict(saved["inner"])
+        self.committed_inner_step = self.inner.step_count

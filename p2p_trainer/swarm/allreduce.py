@@ -63,6 +63,7 @@ class OutgoingPart:
     delay_s: float = 0.0  # sleep this long before sending
     # (encoded chunk, its values) -> the bytes that go on the wire instead
     corrupt: Callable[[bytes, torch.Tensor], bytes] | None = None
+    outer_step: int = 0  # the round it belongs to
 
 
 Fault = Callable[[OutgoingPart], OutgoingPart]
@@ -279,7 +280,7 @@ class AllReducer:
     ) -> SliceTrailer:
         """Stream our part of slice ``index`` and decode the averaged slice into ``out``."""
         step = state.group.outer_step
-        part = OutgoingPart(index, reducer, values, float(weight))
+        part = OutgoingPart(index, reducer, values, float(weight), outer_step=step)
         if self.fault is not None:
             part = self.fault(part)
         if part.delay_s > 0:

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from p2p_trainer.codec import Codec
 from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
+from p2p_trainer.swarm.peer import SwarmPeer
 from p2p_trainer.swarm.reducer import ReducerFault
 
 
@@ -79,3 +81,60 @@ def equivocate(codec: Codec, victims: Callable[[str], bool]) -> ReducerFault:
 def _numel(codec: Codec, payload: bytes) -> int:
     """How many values a payload of our codecs holds (fp32: raw; int8: the u64 after the magic)."""
     return len(payload) // 4 if codec.name == "fp32" else int.from_bytes(payload[8:16], "little")
+
+
+# ---- a hostile member for end-to-end tests: one attack per round ----
+ATTACKS = ("huge", "sign_flip_x10", "weight_x1e6", "nan", "stale_5_rounds", "noise")
+
+
+class Attacker:
+    """The fault hook of a member that attacks in round ``r`` with ``attacks[r % len(attacks)]``:
+    huge values (x1e4), a sign flip x10, a weight claim x1e6 (with its part's sign flipped: the
+    heaviest claim pulling the other way; see ``HostilePeer``), NaN, its part of 5 rounds ago, or
+    random noise of its part's norm."""
+
+    def __init__(self, attacks: list[str]) -> None:
+        unknown = [a for a in attacks if a not in ATTACKS]
+        if unknown or not attacks:
+            raise ValueError(f"unknown attack(s) {unknown or attacks}; choices: {', '.join(ATTACKS)}")
+        self.attacks = attacks
+        self._past: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Attacker:
+        return cls([a.strip() for a in spec.split(",") if a.strip()])
+
+    def attack(self, outer_step: int) -> str:
+        return self.attacks[outer_step % len(self.attacks)]
+
+    def __call__(self, part: OutgoingPart) -> OutgoingPart:
+        past = self._past.setdefault((part.slice_index, part.values.numel()), [])
+        past.append(part.values.clone())
+        del past[:-6]
+        attack, values = self.attack(part.outer_step), part.values
+        if attack == "huge":
+            return replace(part, values=values * 1e4)
+        if attack in ("sign_flip_x10", "weight_x1e6"):
+            return replace(part, values=values * (-10.0 if attack == "sign_flip_x10" else -1.0))
+        if attack == "nan":
+            return nan_values(part)
+        if attack == "stale_5_rounds":
+            return replace(part, values=past[0] if len(past) < 6 else past[-6])
+        noise = torch.randn(values.shape, generator=torch.Generator().manual_seed(part.outer_step))
+        return replace(part, values=noise * (values.norm() / max(values.numel(), 1) ** 0.5))
+
+    def weight_factor(self, outer_step: int) -> float:
+        return 1e6 if self.attack(outer_step) == "weight_x1e6" else 1.0
+
+
+class HostilePeer(SwarmPeer):
+    """A swarm peer that attacks with ``attacker``; its weight claim is made where an attacker makes
+    it, when it joins the group (so its parts agree with it)."""
+
+    def __init__(self, cfg, fingerprint, *, attacker: Attacker) -> None:
+        self.attacker = attacker
+        super().__init__(cfg, fingerprint, fault=attacker)
+
+    def all_reduce(self, *, outer_step: int, vector: torch.Tensor, weight: float):
+        weight = weight * self.attacker.weight_factor(outer_step)
+        return super().all_reduce(outer_step=outer_step, vector=vector, weight=weight)

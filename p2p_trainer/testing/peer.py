@@ -1,11 +1,13 @@
 """Test entry point: the real `p2p-trainer` command with a fault injected through its seams.
 
-    python -m p2p_trainer.testing.peer [--fault SPEC] [--slowdown X] train ARGS...
+    python -m p2p_trainer.testing.peer [--fault SPEC] [--attack A,B,...] [--slowdown X] train ARGS...
 
 ``--fault`` builds the swarm peer with ``SwarmPeer(fault=...)`` (see ``testing.faults``);
-``--slowdown X`` makes every inner step take X times as long (a slower machine, or a tiny model
-whose rounds last a second without using the CPU). Both reach ``Trainer`` through
-``swarm_factory`` / ``inner_factory``; nothing is patched and nothing goes into the user's config.
+``--attack huge,nan,...`` makes it a hostile member (``faults.HostilePeer``) that attacks round r
+with the (r mod n)-th attack; ``--slowdown X`` makes every inner step take X times as long (a
+slower machine, or a tiny model whose rounds last a second without using the CPU). They reach
+``Trainer`` through ``swarm_factory`` / ``inner_factory``; nothing is patched and nothing goes
+into the user's config.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slowdown", type=float, default=1.0, metavar="X", help="each inner step takes X times as long"
     )
+    parser.add_argument(
+        "--attack",
+        type=faults.Attacker.from_spec,
+        metavar="A,B,...",
+        help=f"attack round r with the (r mod n)-th of these: {', '.join(faults.ATTACKS)}",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the p2p-trainer command line")
     args = parser.parse_args(argv)
     if args.slowdown < 1:
@@ -53,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         from p2p_trainer.swarm.peer import SwarmPeer
 
         swarm_factory = functools.partial(SwarmPeer, fault=args.fault)
+    if args.attack is not None:
+        swarm_factory = functools.partial(faults.HostilePeer, attacker=args.attack)
     if args.slowdown > 1:
         inner_factory = functools.partial(SlowInnerLoop, slowdown=args.slowdown)
     return cli.main(args.command, swarm_factory=swarm_factory, inner_factory=inner_factory)
