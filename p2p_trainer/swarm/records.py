@@ -29,12 +29,14 @@ class _ProgressModel(pv1.BaseModel):
     time: pv1.StrictFloat
     last_round_tokens: pv1.conint(ge=0, strict=True) = 0
     last_round_loss: Optional[pv1.StrictFloat] = None
+    relayed: pv1.StrictBool = False
 
     class Config:
         extra = pv1.Extra.forbid
 
 
-_OPTIONAL_ON_WIRE = {"last_round_tokens": 0, "last_round_loss": None}  # added later: older peers omit them
+# added later: older peers omit them
+_OPTIONAL_ON_WIRE = {"last_round_tokens": 0, "last_round_loss": None, "relayed": False}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class ProgressRecord:
     # `p2p-trainer status` turns them into a loss trend and the next round's ETA
     last_round_tokens: int = 0
     last_round_loss: float | None = None
+    relayed: bool = False  # reachable only through a relay (behind NAT), see ``swarm.node``
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
