@@ -8,7 +8,7 @@ PIP_EXTRA ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-long soak clean
+.PHONY: install test-tools demo test lint bench bench-long soak clean
 
 install: $(STAMP)
 
@@ -22,7 +22,21 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install
 	$(BIN)/python -m p2p_trainer.demo
 
-test: install
+# what some tests need from the system, installed when we are root and it is missing: iptables for
+# the NAT lab in network namespaces, Chromium for the status page (each test skips, saying why,
+# where it cannot be had)
+test-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; \
+		command -v iptables >/dev/null || missing="$$missing iptables"; \
+		command -v chromium >/dev/null || missing="$$missing chromium"; \
+		if [ -n "$$missing" ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+				|| echo "could not install$$missing: the tests that need it will be skipped"; \
+		fi; \
+	fi
+
+test: install test-tools
 	$(BIN)/python -m pytest -q tests
 
 lint: install

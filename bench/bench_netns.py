@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -34,7 +33,8 @@ from pathlib import Path
 from bench._procs import loadavg
 from bench.bench_allreduce import VARIANTS, measure
 from p2p_trainer.metrics import read_metrics
-from p2p_trainer.swarm import procs
+from p2p_trainer.testing.netns import cleanup_stale
+from p2p_trainer.testing.netns import ip as _ip
 
 PREFIX = "p2pb"
 SUBNET = "10.213.0"
@@ -43,32 +43,9 @@ ANCHORS = {("hivemind", "none"): 1.60, ("hivemind", "fp16"): 0.69}  # anchors.md
 
 
 # ---------------------------------------------------------------- namespaces
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
 def _tc(ns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + ["tc", *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
-def cleanup_stale() -> list[str]:
-    """Remove namespaces and links of earlier runs whose process is gone; returns what was removed."""
-    removed = []
-    pattern = re.compile(rf"^{PREFIX}(\d+)[a-z]")
-    for line in _ip("netns", "list", check=False).stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = pattern.match(name)
-        if m and not procs.alive(int(m.group(1))):
-            _ip("netns", "delete", name, check=False)
-            removed.append(name)
-    for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
-        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
-        m = pattern.match(name)
-        if m and not procs.alive(int(m.group(1))):
-            _ip("link", "delete", name, check=False)
-            removed.append(name)
-    return removed
 
 
 class Namespaces:
@@ -82,7 +59,7 @@ class Namespaces:
         self.addrs = [f"{SUBNET}.{i + 1}" for i in range(n)]
 
     def __enter__(self) -> Namespaces:
-        cleanup_stale()
+        cleanup_stale(PREFIX)
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("link", "set", self.bridge, "up")

@@ -7,7 +7,10 @@
  * without -ffast-math (a fused multiply-add or a reassociated sum would change the codes).
  *
  * Chunks are independent, so threads take whole chunks from a shared counter.
- * Loaded with ctypes; all pointers are to contiguous little-endian buffers.
+ * Loaded with ctypes; all pointers are to contiguous little-endian buffers. Every entry point takes
+ * the byte length of every buffer it touches and checks sizes, header and offsets against them
+ * before reading or writing anything: the Python side validates too, but a payload comes from
+ * another peer and this code must not depend on its caller having done so.
  */
 #include <float.h>
 #include <math.h>
@@ -21,13 +24,37 @@
 #if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
 #error "float/double expressions must be evaluated in their own precision (FLT_EVAL_METHOD 0)"
 #endif
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the payload is little endian and is read in place"
+#endif
 
-#define P2PQ_ABI_VERSION 1
+#define P2PQ_ABI_VERSION 2
 #define NB 256
 #define BLOCK 64
 #define MAX_THREADS 256
 #define N_SUB 4    /* interleaved histograms: consecutive values often share a bucket */
 #define PIECE 1024 /* values coded then histogrammed together while in L1 */
+#define MIN_CHUNK BLOCK
+#define MAX_CHUNK (1 << 24)
+#define HEADER_BYTES 24
+#define CODEBOOK_BYTES (NB * 4)
+#define VERSION 1
+
+/* Error codes; int8_format.NATIVE_ERRORS holds the matching messages. */
+enum {
+    P2PQ_OK = 0,
+    P2PQ_EARGS = -2,     /* null pointer, negative or non-whole-float length, threads < 1, bad weight */
+    P2PQ_ESHORT = -3,    /* payload shorter than its header */
+    P2PQ_EMAGIC = -4,    /* not "P2Q8" */
+    P2PQ_EVERSION = -5,  /* format version other than 1 */
+    P2PQ_ERESERVED = -6, /* flags or reserved header bytes not zero */
+    P2PQ_ENUMEL = -7,    /* header numel differs from the output buffer's value count */
+    P2PQ_ECHUNK = -8,    /* chunk size not a power of two in [64, 2^24] */
+    P2PQ_ENCHUNKS = -9,  /* header chunk count differs from ceil(numel / chunk) */
+    P2PQ_ELENGTH = -10,  /* payload length differs from the size the header implies */
+    P2PQ_ECODEBOOK = -11, /* a codebook entry is NaN or Inf */
+    P2PQ_EOUT = -12,     /* an output buffer's length does not match the input */
+};
 
 int p2pq_abi_version(void) { return P2PQ_ABI_VERSION; }
 
@@ -52,6 +79,8 @@ static void *fork_worker(void *arg) {
     return NULL;
 }
 
+/* Threads take whole chunks from a counter, so a thread the OS delays (2 shared cores) just takes
+ * fewer chunks; a static split would leave the other core idle at the end. */
 static void run_chunks(chunk_fn fn, void *ctx, int64_t n_chunks, int n_threads) {
     fork_job job = {fn, ctx, n_chunks, 0};
     pthread_t tid[MAX_THREADS];
@@ -115,6 +144,21 @@ static inline void block_sums(const float *x, double x0, double *s1, double *s2)
 }
 #endif
 
+/* The statistics pass streams each chunk from memory, and this machine's hardware prefetcher alone
+ * left it ~40% slower than from cache; asking for the lines 4 KiB ahead closes the gap. Prefetches
+ * never fault, so an address past the end of the buffer is harmless (computed as an integer, since
+ * a pointer that far past an array is undefined in C). */
+#define PREFETCH_AHEAD 4096
+static inline void prefetch_lines(const void *p, int bytes, int for_write) {
+    uintptr_t at = (uintptr_t)p + PREFETCH_AHEAD;
+    for (int k = 0; k < bytes; k += 64) {
+        if (for_write)
+            __builtin_prefetch((const void *)(at + (uintptr_t)k), 1, 3);
+        else
+            __builtin_prefetch((const void *)(at + (uintptr_t)k), 0, 3);
+    }
+}
+
 /* Adjacent-pairwise sum of the block sums, as a binary counter; trailing zero blocks pad the
  * block count to a power of two exactly like the reference's zero padding. */
 static void chunk_sums(const float *x, int64_t n, double *s1, double *s2) {
@@ -128,6 +172,7 @@ static void chunk_sums(const float *x, int64_t n, double *s1, double *s2) {
         if (b < n_blocks) {
             int64_t len = n - b * BLOCK;
             if (len >= BLOCK) {
+                prefetch_lines(x + b * BLOCK, BLOCK * 4, 0);
                 block_sums(x + b * BLOCK, x0, &b1, &b2);
             } else {
                 float tail[BLOCK];
@@ -211,21 +256,29 @@ static inline void codes_of(const float *x, int64_t n, double lo, double scale, 
     for (; i < n; i++) codes[i] = code_of_d(x[i], lo, scale);
 }
 
-/* Per-bucket (sum, count) pairs in one 16-byte add: one store per value instead of two. */
+/* Per-bucket (sum, count) pairs in one 16-byte add: one load and one store per value, which is
+ * what bounds this loop (Zen issues two memory operations per cycle, at most one a store). */
 typedef double pair_d __attribute__((vector_size(16)));
 
 static inline void histogram_add(const float *x, const uint8_t *codes, int64_t n, pair_d (*h)[NB]) {
     int64_t i = 0;
 #if defined(__AVX2__) && N_SUB == 4
-    /* Four (x, 1.0) pairs from one widening load and two unpacks each half. */
+    /* Eight codes from one load, eight (x, 1.0) pairs from two widening loads and unpacks. */
     const __m128d one = _mm_set1_pd(1.0);
-    for (; i + 4 <= n; i += 4) {
-        __m256d xd = load4d(x + i);
-        __m128d a = _mm256_castpd256_pd128(xd), b = _mm256_extractf128_pd(xd, 1);
-        h[0][codes[i]] += (pair_d)_mm_unpacklo_pd(a, one);
-        h[1][codes[i + 1]] += (pair_d)_mm_unpackhi_pd(a, one);
-        h[2][codes[i + 2]] += (pair_d)_mm_unpacklo_pd(b, one);
-        h[3][codes[i + 3]] += (pair_d)_mm_unpackhi_pd(b, one);
+    for (; i + 8 <= n; i += 8) {
+        uint64_t c;
+        memcpy(&c, codes + i, 8);
+        __m256d xa = load4d(x + i), xb = load4d(x + i + 4);
+        __m128d a0 = _mm256_castpd256_pd128(xa), a1 = _mm256_extractf128_pd(xa, 1);
+        __m128d b0 = _mm256_castpd256_pd128(xb), b1 = _mm256_extractf128_pd(xb, 1);
+        h[0][c & 255] += (pair_d)_mm_unpacklo_pd(a0, one);
+        h[1][(c >> 8) & 255] += (pair_d)_mm_unpackhi_pd(a0, one);
+        h[2][(c >> 16) & 255] += (pair_d)_mm_unpacklo_pd(a1, one);
+        h[3][(c >> 24) & 255] += (pair_d)_mm_unpackhi_pd(a1, one);
+        h[0][(c >> 32) & 255] += (pair_d)_mm_unpacklo_pd(b0, one);
+        h[1][(c >> 40) & 255] += (pair_d)_mm_unpackhi_pd(b0, one);
+        h[2][(c >> 48) & 255] += (pair_d)_mm_unpacklo_pd(b1, one);
+        h[3][c >> 56] += (pair_d)_mm_unpackhi_pd(b1, one);
     }
 #endif
     for (; i + N_SUB <= n; i += N_SUB)
@@ -294,15 +347,15 @@ static void quantize_chunk(void *arg, int64_t c) {
         /* Constant chunk: one bucket holding the exact value, so it round-trips bit for bit. */
         memset(codes, 0, (size_t)n);
         for (int k = 0; k < NB; k++) cb[k] = x[0];
-        memcpy(q->codebooks + (size_t)c * NB * sizeof(float), cb, sizeof cb);
+        memcpy(q->codebooks + (size_t)c * CODEBOOK_BYTES, cb, sizeof cb);
         return;
     }
 
     pair_d h[N_SUB][NB];
     memset(h, 0, sizeof h);
-    /* Codes and histogram per L1-sized piece, so the histogram re-reads x and codes from L1.
-     * (Walking the chunk back to front to reuse the tail the statistics pass left in L2 measured
-     * ~10% slower: the hardware prefetchers prefer ascending streams.) */
+    /* Codes, then the histogram, one L1-sized piece at a time: the histogram re-reads x and the
+     * codes from L1. (One fused loop that sends each code from a register to its bucket measured
+     * ~40% slower on Zen: its long per-value dependency chain outgrows the out-of-order window.) */
     for (int64_t i = 0; i < n; i += PIECE) {
         int64_t len = n - i < PIECE ? n - i : PIECE;
         codes_of(x + i, len, lo, scale, codes + i);
@@ -320,65 +373,198 @@ static void quantize_chunk(void *arg, int64_t c) {
         }
         cb[k] = (float)v;
     }
-    memcpy(q->codebooks + (size_t)c * NB * sizeof(float), cb, sizeof cb);
+    memcpy(q->codebooks + (size_t)c * CODEBOOK_BYTES, cb, sizeof cb);
 }
 
-/* Returns -1 on success, the index of the first chunk holding NaN/Inf, or -2 on bad arguments. */
-int64_t p2pq_quantize(const float *x, int64_t n, int64_t chunk, uint8_t *codes, unsigned char *codebooks,
-                      double *stats, int n_threads) {
-    if (n < 0 || chunk < BLOCK || (chunk & (chunk - 1))) return -2;
+static int valid_chunk(int64_t chunk) { return chunk >= MIN_CHUNK && chunk <= MAX_CHUNK && !(chunk & (chunk - 1)); }
+
+static int64_t chunk_count(int64_t n, int64_t chunk) { return n / chunk + (n % chunk != 0); }
+
+/* Returns -1 on success, the index of the first chunk holding NaN/Inf, or a P2PQ_E* code. Lengths are
+ * in bytes: x holds x_bytes / 4 values, codes must hold one byte per value, codebooks 1 KiB per
+ * chunk, stats (optional, NULL) 32 bytes per chunk. */
+int64_t p2pq_quantize(const float *x, int64_t x_bytes, int64_t chunk, uint8_t *codes, int64_t codes_bytes,
+                      unsigned char *codebooks, int64_t codebooks_bytes, double *stats, int64_t stats_bytes,
+                      int n_threads) {
+    if (x_bytes < 0 || x_bytes % 4 || n_threads < 1) return P2PQ_EARGS;
+    if (!valid_chunk(chunk)) return P2PQ_ECHUNK;
+    int64_t n = x_bytes / 4, chunks = chunk_count(n, chunk), books;
+    if (__builtin_mul_overflow(chunks, (int64_t)CODEBOOK_BYTES, &books)) return P2PQ_EARGS;
+    if (codes_bytes != n || codebooks_bytes != books) return P2PQ_EOUT;
+    if (stats && stats_bytes != chunks * 4 * (int64_t)sizeof(double)) return P2PQ_EOUT;
     if (n == 0) return -1;
+    if (!x || !codes || !codebooks) return P2PQ_EARGS;
     quant_ctx q = {x, n, chunk, codes, codebooks, stats, -1};
-    run_chunks(quantize_chunk, &q, (n + chunk - 1) / chunk, n_threads);
+    run_chunks(quantize_chunk, &q, chunks, n_threads);
     return q.first_bad;
+}
+
+static void put_u16(unsigned char *p, uint16_t v) { memcpy(p, &v, 2); }
+static void put_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put_u64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* A whole payload (int8_format.py): header, codebooks, codes. payload_bytes must be its exact size.
+ * Same return values as p2pq_quantize; on a non-finite input the payload's contents are undefined. */
+int64_t p2pq_encode(const float *x, int64_t x_bytes, int64_t chunk, unsigned char *payload, int64_t payload_bytes,
+                    int n_threads) {
+    if (x_bytes < 0 || x_bytes % 4 || n_threads < 1 || !payload || payload_bytes < 0 || (x_bytes && !x))
+        return P2PQ_EARGS;
+    if (!valid_chunk(chunk)) return P2PQ_ECHUNK;
+    int64_t n = x_bytes / 4, chunks = chunk_count(n, chunk);
+    if (chunks > UINT32_MAX) return P2PQ_ENCHUNKS; /* the header's field is 32 bits */
+    if (payload_bytes != HEADER_BYTES + chunks * CODEBOOK_BYTES + n) return P2PQ_EOUT;
+    memcpy(payload, "P2Q8", 4);
+    payload[4] = VERSION;
+    payload[5] = 0;
+    put_u16(payload + 6, 0);
+    put_u64(payload + 8, (uint64_t)n);
+    put_u32(payload + 16, (uint32_t)chunk);
+    put_u32(payload + 20, (uint32_t)chunks);
+    unsigned char *books = payload + HEADER_BYTES;
+    uint8_t *codes = books + chunks * CODEBOOK_BYTES;
+    return p2pq_quantize(x, x_bytes, chunk, codes, n, books, chunks * CODEBOOK_BYTES, NULL, 0, n_threads);
+}
+
+/* ---- parsing an untrusted payload ------------------------------------------------------------ */
+
+typedef struct {
+    int64_t numel, chunk, n_chunks;
+    const unsigned char *codebooks;
+    const uint8_t *codes;
+} payload_view;
+
+/* Every check of int8_format.parse, in the same order, before any byte past the header is read.
+ * numel is what the caller's output holds; all sizes are computed with overflow checks. */
+static int parse_payload(const unsigned char *p, int64_t len, int64_t numel, payload_view *v) {
+    uint64_t h_numel;
+    uint32_t h_chunk, h_chunks;
+    uint16_t reserved;
+    if (len < HEADER_BYTES) return P2PQ_ESHORT;
+    if (memcmp(p, "P2Q8", 4) != 0) return P2PQ_EMAGIC;
+    if (p[4] != VERSION) return P2PQ_EVERSION;
+    memcpy(&reserved, p + 6, 2);
+    if (p[5] != 0 || reserved != 0) return P2PQ_ERESERVED;
+    memcpy(&h_numel, p + 8, 8);
+    memcpy(&h_chunk, p + 16, 4);
+    memcpy(&h_chunks, p + 20, 4);
+    if (h_numel != (uint64_t)numel) return P2PQ_ENUMEL;
+    if (!valid_chunk(h_chunk)) return P2PQ_ECHUNK;
+    int64_t chunks = chunk_count(numel, h_chunk), books, total;
+    if ((uint64_t)chunks != h_chunks) return P2PQ_ENCHUNKS;
+    if (__builtin_mul_overflow(chunks, (int64_t)CODEBOOK_BYTES, &books) ||
+        __builtin_add_overflow(books, (int64_t)HEADER_BYTES, &total) ||
+        __builtin_add_overflow(total, numel, &total) || total != len)
+        return P2PQ_ELENGTH;
+    /* Checked up front, so a bad chunk late in the payload leaves the output untouched. */
+    const unsigned char *cb = p + HEADER_BYTES;
+    for (int64_t i = 0; i < chunks * NB; i++) {
+        uint32_t bits;
+        memcpy(&bits, cb + 4 * i, 4);
+        if ((bits & 0x7f800000u) == 0x7f800000u) return P2PQ_ECODEBOOK;
+    }
+    v->numel = numel;
+    v->chunk = h_chunk;
+    v->n_chunks = chunks;
+    v->codebooks = cb;
+    v->codes = cb + books;
+    return P2PQ_OK;
 }
 
 /* ---- dequantize / decode-and-accumulate ----------------------------------------------------- */
 
 typedef struct {
-    const uint8_t *codes;
-    const unsigned char *codebooks;
-    int64_t n, chunk;
+    payload_view v;
     float weight;
     float *out;
 } dequant_ctx;
 
+#if defined(__AVX2__)
+/* 8 codebook entries picked by 8 codes: scalar loads straight into vector lanes. This beats
+ * vpgatherdd on Zen (microcoded there) and matches it on Intel. */
+static inline __m256 lookup8(const float *cb, uint64_t c) {
+    __m128 lo = _mm_setr_ps(cb[c & 255], cb[(c >> 8) & 255], cb[(c >> 16) & 255], cb[(c >> 24) & 255]);
+    __m128 hi = _mm_setr_ps(cb[(c >> 32) & 255], cb[(c >> 40) & 255], cb[(c >> 48) & 255], cb[c >> 56]);
+    return _mm256_set_m128(hi, lo);
+}
+#endif
+
+static void load_codebook(const dequant_ctx *d, int64_t c, float *cb, int64_t *start, int64_t *n) {
+    *start = c * d->v.chunk;
+    *n = d->v.numel - *start < d->v.chunk ? d->v.numel - *start : d->v.chunk;
+    memcpy(cb, d->v.codebooks + (size_t)c * CODEBOOK_BYTES, CODEBOOK_BYTES);
+}
+
 static void dequantize_chunk(void *arg, int64_t c) {
     dequant_ctx *d = (dequant_ctx *)arg;
-    int64_t start = c * d->chunk, n = d->n - start;
-    if (n > d->chunk) n = d->chunk;
-    const uint8_t *codes = d->codes + start;
-    float *out = d->out + start;
     float cb[NB];
-    memcpy(cb, d->codebooks + (size_t)c * NB * sizeof(float), sizeof cb);
-    for (int64_t i = 0; i < n; i++) out[i] = cb[codes[i]];
+    int64_t start, n, i = 0;
+    load_codebook(d, c, cb, &start, &n);
+    const uint8_t *codes = d->v.codes + start;
+    float *out = d->out + start;
+#if defined(__AVX2__)
+    if (((uintptr_t)out & 31) == 0) {
+        /* The output is new memory nobody reads soon: streaming stores skip reading each line into
+         * the cache before overwriting it (4 of the 9 bytes a value would otherwise move). */
+        for (; i + 8 <= n; i += 8) {
+            uint64_t c8;
+            memcpy(&c8, codes + i, 8);
+            _mm256_stream_ps(out + i, lookup8(cb, c8));
+        }
+        _mm_sfence();
+    } else {
+        for (; i + 8 <= n; i += 8) { /* streaming stores need 32-byte alignment */
+            uint64_t c8;
+            memcpy(&c8, codes + i, 8);
+            _mm256_storeu_ps(out + i, lookup8(cb, c8));
+        }
+    }
+#endif
+    for (; i < n; i++) out[i] = cb[codes[i]];
 }
 
 static void accumulate_chunk(void *arg, int64_t c) {
     dequant_ctx *d = (dequant_ctx *)arg;
-    int64_t start = c * d->chunk, n = d->n - start;
-    if (n > d->chunk) n = d->chunk;
-    const uint8_t *codes = d->codes + start;
-    float *out = d->out + start;
     float cb[NB];
-    memcpy(cb, d->codebooks + (size_t)c * NB * sizeof(float), sizeof cb);
+    int64_t start, n, i = 0;
+    load_codebook(d, c, cb, &start, &n);
+    const uint8_t *codes = d->v.codes + start;
+    float *out = d->out + start;
     /* weight * cb[k] rounded to fp32 once per bucket gives the same bits as per element. */
     for (int k = 0; k < NB; k++) cb[k] = d->weight * cb[k];
-    for (int64_t i = 0; i < n; i++) out[i] = out[i] + cb[codes[i]];
+#if defined(__AVX2__)
+    for (; i + 64 <= n; i += 64) {
+        /* out 4 KiB ahead (~25% faster from memory); prefetching the codes too measured slower. */
+        prefetch_lines(out + i, 64 * 4, 1);
+        for (int j = 0; j < 64; j += 8) {
+            uint64_t c8;
+            memcpy(&c8, codes + i + j, 8);
+            _mm256_storeu_ps(out + i + j, _mm256_add_ps(_mm256_loadu_ps(out + i + j), lookup8(cb, c8)));
+        }
+    }
+#endif
+    for (; i < n; i++) out[i] = out[i] + cb[codes[i]];
 }
 
-int p2pq_dequantize(const uint8_t *codes, const unsigned char *codebooks, int64_t n, int64_t chunk, float *out,
+static int decode_into(const unsigned char *payload, int64_t payload_bytes, float *out, int64_t out_bytes,
+                       float weight, chunk_fn fn, int n_threads) {
+    if (!payload || payload_bytes < 0 || out_bytes < 0 || out_bytes % 4 || n_threads < 1 || !isfinite(weight))
+        return P2PQ_EARGS;
+    if (!out && out_bytes) return P2PQ_EARGS;
+    dequant_ctx d = {{0}, weight, out};
+    int rc = parse_payload(payload, payload_bytes, out_bytes / 4, &d.v);
+    if (rc != P2PQ_OK) return rc;
+    run_chunks(fn, &d, d.v.n_chunks, n_threads);
+    return P2PQ_OK;
+}
+
+/* out[i] = codebook[chunk(i)][code[i]] for the out_bytes / 4 values the payload must hold. */
+int p2pq_dequantize(const unsigned char *payload, int64_t payload_bytes, float *out, int64_t out_bytes,
                     int n_threads) {
-    if (n < 0 || chunk < 1) return -2;
-    dequant_ctx d = {codes, codebooks, n, chunk, 1.0f, out};
-    run_chunks(dequantize_chunk, &d, (n + chunk - 1) / chunk, n_threads);
-    return 0;
+    return decode_into(payload, payload_bytes, out, out_bytes, 1.0f, dequantize_chunk, n_threads);
 }
 
-int p2pq_decode_accumulate(const uint8_t *codes, const unsigned char *codebooks, int64_t n, int64_t chunk,
-                           float weight, float *out, int n_threads) {
-    if (n < 0 || chunk < 1) return -2;
-    dequant_ctx d = {codes, codebooks, n, chunk, weight, out};
-    run_chunks(accumulate_chunk, &d, (n + chunk - 1) / chunk, n_threads);
-    return 0;
+/* out[i] = out[i] + float(weight * codebook[chunk(i)][code[i]]): a multiply then an add, no FMA. */
+int p2pq_decode_accumulate(const unsigned char *payload, int64_t payload_bytes, float weight, float *out,
+                           int64_t out_bytes, int n_threads) {
+    return decode_into(payload, payload_bytes, out, out_bytes, weight, accumulate_chunk, n_threads);
 }

@@ -1,4 +1,4 @@
-"""`p2p-trainer train | bootstrap | status | export`.
+"""`p2p-trainer train | bootstrap | status | export | plan`.
 
 Bad input (a missing file, an unknown key, a wrong value, a malformed multiaddr) ends with one
 line naming it and exit code 2, never a traceback.
@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from p2p_trainer.config import ConfigError, SwarmConfig, load_config, section_fields
+from p2p_trainer.plan import add_arguments as plan_arguments
 
 USAGE_ERROR = 2
 
@@ -77,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     boot = sub.add_parser("bootstrap", help="run the long-lived initial peer (DHT only)")
     _swarm_flags(boot, identity_help="private key file: keeps the bootstrap peer's id across restarts")
-    boot.add_argument(
-        "--status-port", type=int, default=0, help="serve a small HTTP status page on this port"
-    )
+    boot.add_argument("--serve", metavar="HOST:PORT",
+                      help="also serve the run's live status page here (as `status --serve`)")
+    boot.add_argument("--run-id", help=f"run the status page shows (default: {SwarmConfig().run_id!r})")
+    # the old flag: now the same page, on 127.0.0.1
+    boot.add_argument("--status-port", type=int, default=0, metavar="PORT", help=argparse.SUPPRESS)
 
     status = sub.add_parser("status", help="show the live peers and the run",
                             epilog="exit code: 0 the run was found, 1 no live peer of the run, "
@@ -87,13 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--initial-peers", nargs="+", metavar="MADDR", required=True)
     status.add_argument("--run-id",
                         help=f"run to show (default: {SwarmConfig().run_id!r}; the DHT cannot list runs)")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print one JSON object")
+    shown.add_argument("--serve", metavar="HOST:PORT",
+                       help="stay and serve a live web page of the run here (port 0: any free port) "
+                            "until Ctrl+C or SIGTERM")
 
     export = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     export.add_argument(
         "checkpoint", help="checkpoint file (ckpt-*.pt) or a checkpoint folder (newest is used)"
     )
     export.add_argument("out_dir", help="output folder (safetensors + config + tokenizer)")
+
+    plan_arguments(sub.add_parser("plan", help="a config's memory, bytes per round and compute "
+                                  "utilization over a given link, on paper"))
     return parser
 
 
@@ -149,14 +159,22 @@ def _bootstrap(args: argparse.Namespace) -> int:
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs or [],
         identity=args.identity or "",
-        status_port=args.status_port,
+        serve=args.serve or (f"127.0.0.1:{args.status_port}" if args.status_port else None),
+        run_id=args.run_id,
     )
 
 
 def _status(args: argparse.Namespace) -> int:
     from p2p_trainer.status import run_status
 
-    return run_status(initial_peers=args.initial_peers, run_id=args.run_id, as_json=args.json)
+    return run_status(initial_peers=args.initial_peers, run_id=args.run_id, as_json=args.json,
+                      serve=args.serve)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from p2p_trainer.plan import run_plan
+
+    return run_plan(args)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None, *, swarm_factory=None, inner_factory=Non
     """The command line. ``swarm_factory``/``inner_factory``: the Trainer's test seams (see
     ``p2p_trainer.testing.peer``), for ``train`` only."""
     args = build_parser().parse_args(argv)
-    handlers = {"export": _export, "bootstrap": _bootstrap, "status": _status}
+    handlers = {"export": _export, "bootstrap": _bootstrap, "status": _status, "plan": _plan}
     try:
         if args.command == "train":
             return _train(args, swarm_factory=swarm_factory, inner_factory=inner_factory)

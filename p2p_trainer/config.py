@@ -167,7 +167,21 @@ class SwarmConfig:
     client_mode: bool = _f(
         False, "outgoing connections only (behind NAT): contributes to rounds, reduces no slice"
     )
-    codec: str = _f("int8", "pseudo-gradient codec on the wire: 'int8' or 'fp32'")
+    auto_client_mode: bool = _f(
+        True,
+        "unless client_mode is set: at start, ask an initial peer to dial this peer back, and switch to "
+        "client mode when it cannot (behind NAT); false keeps a full peer without asking",
+    )
+    codec: str = _f("int8", "pseudo-gradient codec on the wire: 'int8', 'fp32' or 'sparse'")
+    sparse_chunk: int = _f(
+        4096, "sparse codec: values per chunk, each chunk sends its own top-k (a power of two, 64..65536)"
+    )
+    sparse_k: int = _f(
+        64, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 64 = 1.6%%)"
+    )
+    sparse_bits: int = _f(
+        2, "sparse codec: bits per sent value, one of them the sign (1..8); the rest pick a magnitude level"
+    )
     target_group_size: int = _f(16, "most peers in one all-reduce group")
     min_group_size: int = _f(1, "fewest peers for a round to count (1 lets a lone peer keep training)")
     round_tokens: int = _f(
@@ -214,10 +228,19 @@ class SwarmConfig:
     )
 
     def validate(self) -> None:
-        from p2p_trainer.codec import CODECS  # codec names live with the codecs
+        from p2p_trainer.codec import CODECS, SparseParams  # codec names and limits live with the codecs
 
         if self.codec not in CODECS:
             raise ConfigError(f"swarm.codec={self.codec!r} is not one of {', '.join(CODECS)}")
+        # checked whatever the codec, so a bad value never waits for a codec switch to show; one field
+        # at a time, so the message names the one that is wrong
+        c, k, bits = self.sparse_chunk, self.sparse_k, self.sparse_bits
+        steps = (("sparse_chunk", (c, 1, 1)), ("sparse_k", (c, k, 1)), ("sparse_bits", (c, k, bits)))
+        for name, params in steps:
+            try:
+                SparseParams(*params)
+            except ValueError as e:
+                raise ConfigError(f"swarm.{name}={getattr(self, name)!r}: {e}") from None
         if not self.run_id or any(c in self.run_id for c in " /\t\n"):
             raise ConfigError(f"swarm.run_id={self.run_id!r} must be non-empty without spaces or slashes")
         _positive("swarm.target_group_size", self.target_group_size)

@@ -41,7 +41,10 @@ def run_fingerprint(cfg: Config, tokenizer_sha256: str, vocab_size: int) -> dict
         "run_id": cfg.swarm.run_id,
         "model": asdict(cfg.model) | {"vocab_size": cfg.model.vocab_size or vocab_size},
         "tokenizer_sha256": tokenizer_sha256,
-        "codec": cfg.swarm.codec,
+        # the reducer's codec settings decide the averages everyone applies: they must match
+        "codec": cfg.swarm.codec
+        if cfg.swarm.codec != "sparse"
+        else f"sparse/{cfg.swarm.sparse_chunk}/{cfg.swarm.sparse_k}/{cfg.swarm.sparse_bits}",
         "data_mix": [[s["name"], float(s.get("weight", 1.0))] for s in cfg.data.sources],
         "seq_len": cfg.model.seq_len,
         "round_tokens": cfg.swarm.round_tokens,  # how a round closes (0: fixed H); `status` needs it for ETAs

@@ -4,6 +4,8 @@ It joins as an observer (client mode, publishes nothing), reads the run's signed
 and fingerprint, and prints the run (fingerprint, outer step, swarm speed, the next round's ETA,
 loss trend) and its live peers. Exit codes: 0 the run was found, 1 no live peer of the run was
 found (one line says so), 2 bad input or the DHT could not be reached (the CLI prints the reason).
+With ``--serve HOST:PORT`` it stays, re-reads the DHT every few seconds and serves the same as a live
+web page (``p2p_trainer.status_page``) until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import statistics
 import sys
 import time
@@ -53,7 +56,9 @@ def summarize(run_id: str, records: dict[str, ProgressRecord], fingerprint: dict
         "peers": [
             {
                 "peer_id": r.peer_id,
+                "mode": peer_mode(r),
                 "client_mode": r.client_mode,
+                "relayed": r.relayed,
                 "outer_step": r.outer_step,
                 "tokens": r.tokens,
                 "tokens_per_s": r.tokens_per_s,
@@ -65,6 +70,12 @@ def summarize(run_id: str, records: dict[str, ProgressRecord], fingerprint: dict
         ],
         "time": now,
     }
+
+
+def peer_mode(r: ProgressRecord) -> str:
+    """How others reach a peer: "client" (outgoing connections only, reduces no slice), "relayed"
+    (reachable only through a relay) or "full"."""
+    return "client" if r.client_mode else "relayed" if r.relayed else "full"
 
 
 def _finite(x: float | None) -> bool:
@@ -111,7 +122,7 @@ def _trend(before: float | None, now: float | None) -> str | None:
 # ---- text output ----
 def render_text(s: dict) -> str:
     fp = s["fingerprint"]
-    fp_line = f"{s['fingerprint_sha256'][:16]}  {_fingerprint_summary(fp)}" if fp else "none published yet"
+    fp_line = f"{s['fingerprint_sha256'][:16]}  {fingerprint_summary(fp)}" if fp else "none published yet"
     rnd, loss = s["round"], s["loss"]
     target = f"{rnd['target_tokens']:,} tokens a round" if rnd["target_tokens"] else "fixed H steps a round"
     lines = [
@@ -123,12 +134,12 @@ def render_text(s: dict) -> str:
         f"loss         {_loss_text(loss)}",
         "",
         f"{len(s['peers'])} live peer(s):",
-        f"{'peer id':<54} {'mode':<6} {'tokens/s':>10} {'outer step':>10} {'loss':>7} {'last seen':>10}",
+        f"{'peer id':<54} {'mode':<7} {'tokens/s':>10} {'outer step':>10} {'loss':>7} {'last seen':>10}",
     ]
     for p in s["peers"]:
         loss_text = f"{p['loss']:.3f}" if p["loss"] is not None else "-"
         lines.append(
-            f"{p['peer_id']:<54} {'client' if p['client_mode'] else 'full':<6} {p['tokens_per_s']:>10,.0f} "
+            f"{p['peer_id']:<54} {p['mode']:<7} {p['tokens_per_s']:>10,.0f} "
             f"{p['outer_step']:>10} {loss_text:>7} {p['last_seen_s']:>8.1f}s ago"
         )
     return "\n".join(lines)
@@ -152,7 +163,7 @@ def _loss_text(loss: dict) -> str:
     return f"{loss['previous_round']:.3f} last round -> {loss['current']:.3f} now ({loss['trend']})"
 
 
-def _fingerprint_summary(fp: dict) -> str:
+def fingerprint_summary(fp: dict) -> str:
     """The fields a volunteer compares with their config; robust to fingerprints that lack some."""
     parts = []
     model = fp.get("model")
@@ -200,12 +211,44 @@ def observe(initial_peers: list[str], run_id: str) -> tuple[dict[str, ProgressRe
     return records, fingerprint
 
 
-def run_status(*, initial_peers: list[str], run_id: str | None, as_json: bool) -> int:
-    """Print the run; returns the exit code (see the module docstring)."""
+def serve_status(*, initial_peers: list[str], run_id: str, listen: str) -> int:
+    """Serve the run's live page on ``listen`` (HOST:PORT) until SIGINT/SIGTERM; exit code 0."""
+    from p2p_trainer.status_page import StatusPage, stop_on_signals
+    from p2p_trainer.swarm.identity import check_multiaddrs
+    from p2p_trainer.swarm.observer import Observer
+
+    initial_peers = check_multiaddrs(initial_peers, "--initial-peers", need_peer_id=True)
+    cfg = _observer_config(initial_peers, run_id)
+    cfg.validate()
+    page = StatusPage(run_id, listen, server_info={"kind": "status"})  # a bad address fails before joining
+    observer = None
+    # until the page is up, a signal ends the command like Ctrl+C: joining the DHT is not interruptible
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        observer = Observer(cfg)
+        page.server_info["peer_id"] = observer.peer_id
+        page.start(observer, first_read_s=READ_FOR_S)
+        stop = stop_on_signals()
+        print(f"status page: {page.url}", flush=True)
+        stop.wait()
+    finally:
+        page.stop()
+        if observer is not None:
+            observer.shutdown()
+    return 0
+
+
+def run_status(
+    *, initial_peers: list[str], run_id: str | None, as_json: bool, serve: str | None = None
+) -> int:
+    """Print the run, or serve it with ``serve`` (HOST:PORT); returns the exit code (see the module
+    docstring)."""
     for name in ("hivemind", "p2p_trainer"):  # stdout is the answer: keep the swarm's chatter to warnings
         logging.getLogger(name).setLevel(logging.WARNING)
     default = run_id is None
     run_id = SwarmConfig().run_id if default else run_id
+    if serve is not None:
+        return serve_status(initial_peers=initial_peers, run_id=run_id, listen=serve)
     records, fingerprint = observe(initial_peers, run_id)
     if not records:
         hint = " (the default run id; pass --run-id to name another)" if default else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -91,7 +92,7 @@ INPUTS = {
 
 
 def test_registry_and_protocol() -> None:
-    assert CODECS == ("fp32", "int8")
+    assert {"fp32", "int8"} <= set(CODECS)  # other codecs may join the registry
     for name in CODECS:
         codec = get_codec(name)
         assert codec.name == name
@@ -211,6 +212,12 @@ def test_portable_kernel_path_matches_reference(tmp_path: Path) -> None:
         assert stats_n == stats_r
         assert torch.equal(codes_n, codes_r)
         torch.testing.assert_close(books_n, books_r, rtol=1e-6, atol=0.0)
+        payload = fast.encode(x)
+        assert torch.equal(fast.decode(payload, x.numel()), ref.decode(payload, x.numel()))
+        a, b = torch.randn(x.numel(), generator=gen(9)), torch.randn(x.numel(), generator=gen(9))
+        fast.decode_accumulate(payload, a, -0.61)
+        ref.decode_accumulate(payload, b, -0.61)
+        assert torch.equal(a, b)
 
 
 def _edge_probes(lo: float, scale: float) -> torch.Tensor:
@@ -314,6 +321,10 @@ def test_int8_decode_accumulate(int8: Int8Codec) -> None:
         expected = out + weight * decoded
         int8.decode_accumulate(payload, out, weight)
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    before = out.clone()
+    with pytest.raises(ValueError, match="float32.*1e\\+39"):  # float32(weight) would be inf
+        int8.decode_accumulate(payload, out, 1e39)
+    assert torch.equal(out, before)
 
 
 @needs_cc
@@ -369,6 +380,87 @@ def test_int8_rejects_malformed_payloads(int8: Int8Codec, case: str) -> None:
     with pytest.raises(CodecError):
         int8.decode_accumulate(bad, out, 1.0)
     assert not out.any()  # validation happens before anything is written
+
+
+def _address(buf: bytes) -> int:
+    return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value or 0
+
+
+@needs_cc
+def test_native_entry_points_check_every_length(build: native.BuildConfig) -> None:
+    # The C functions are called directly, bypassing int8_format.parse: every short or lying length,
+    # header field or codebook gets its own error code, and nothing is written.
+    kernels = native.load(build)
+    n, chunk = 1000, 256
+    x = torch.randn(n, generator=gen(26))
+    payload = Int8Codec("native", chunk_size=chunk, build=build).encode(x)
+    at = _address(payload)
+    out = torch.full((n + 64,), 7.0)  # 64 spare values: a write past the claimed length would show
+    ob = 4 * n
+
+    def patch(offset: int, data: bytes) -> bytes:
+        return payload[:offset] + data + payload[offset + len(data) :]
+
+    def decode_both(buf: bytes, length: int, out_bytes: int = ob, threads: int = 2) -> set[int]:
+        address = _address(buf)
+        return {
+            kernels.dequantize(address, length, out.data_ptr(), out_bytes, threads),
+            kernels.decode_accumulate(address, length, 0.5, out.data_ptr(), out_bytes, threads),
+        }
+
+    huge = patch(8, struct.pack("<Q", 1 << 60))
+    cases = {
+        "short header": (decode_both(payload, 23), -3),
+        "no payload": ({kernels.dequantize(None, 0, out.data_ptr(), ob, 1)}, -2),
+        "negative length": (decode_both(payload, -1), -2),
+        "odd out length": (decode_both(payload, len(payload), ob - 2), -2),
+        "no threads": (decode_both(payload, len(payload), ob, 0), -2),
+        "payload one byte short": (decode_both(payload, len(payload) - 1), -10),
+        "out one value short": (decode_both(payload, len(payload), ob - 4), -7),
+        "bad magic": (decode_both(patch(0, b"P2Q9"), len(payload)), -4),
+        "bad version": (decode_both(patch(4, b"\x02"), len(payload)), -5),
+        "reserved": (decode_both(patch(6, b"\x01"), len(payload)), -6),
+        "chunk 0": (decode_both(patch(16, struct.pack("<I", 0)), len(payload)), -8),
+        "chunk 2^31": (decode_both(patch(16, struct.pack("<I", 1 << 31)), len(payload)), -8),
+        "chunk count": (decode_both(patch(20, struct.pack("<I", 5)), len(payload)), -9),
+        "header numel 2^60": (decode_both(huge, len(payload)), -7),
+        "lying out length": (decode_both(payload, len(payload), 1 << 62), -7),
+        "nan codebook": (decode_both(patch(24 + 4 * 300, struct.pack("<f", math.nan)), len(payload)), -11),
+        "inf codebook": (decode_both(patch(24 + 4 * 767, struct.pack("<f", -math.inf)), len(payload)), -11),
+    }
+    # A header for 2^55 values (with a consistent chunk count) and an output that claims to hold them:
+    # rejected on the payload's length before anything is touched.
+    claims = patch(8, struct.pack("<QII", 1 << 55, 1 << 24, 1 << 31))
+    cases["huge numel, lying out"] = (decode_both(claims, len(payload), 4 << 55), -10)
+    for name, (got, want) in cases.items():
+        assert got == {want}, (name, got)
+        assert want in fmt.NATIVE_ERRORS
+    assert kernels.decode_accumulate(at, len(payload), math.nan, out.data_ptr(), ob, 1) == -2
+    assert torch.equal(out, torch.full((n + 64,), 7.0))  # no call wrote anything
+    # Valid calls write exactly n values, at any alignment (streaming stores need 32 bytes).
+    expected = Int8Codec("reference", chunk_size=chunk).decode(payload, n)
+    for shift in (0, 1, 3):
+        assert kernels.dequantize(at, len(payload), out[shift:].data_ptr(), ob, 2) == 0
+        assert torch.equal(out[shift : shift + n], expected) and bool((out[shift + n :] == 7.0).all())
+        out.fill_(7.0)
+
+    # Encode side: the output must be exactly the payload's size, lengths whole floats.
+    buf = bytearray(len(payload))
+    dst = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    assert kernels.encode(x.data_ptr(), 4 * n, chunk, dst, len(buf) - 1, 1) == -12
+    assert kernels.encode(x.data_ptr(), 4 * n - 1, chunk, dst, len(buf), 1) == -2
+    assert kernels.encode(x.data_ptr(), 4 * n, 100, dst, len(buf), 1) == -8
+    assert kernels.encode(x.data_ptr(), 4 * n, chunk, dst, len(buf), 1) == -1
+    assert bytes(buf) == payload
+    codes, books = torch.empty(n, dtype=torch.uint8), torch.empty(4, 256)
+    stats = torch.empty(4, 4, dtype=torch.float64)
+    ptrs = (codes.data_ptr(), n, books.data_ptr(), 4096, stats.data_ptr())
+    assert kernels.quantize(x.data_ptr(), 4 * n, chunk, *ptrs, 8 * 16, 1) == -1
+    assert kernels.quantize(x.data_ptr(), 4 * n, chunk, *ptrs, 8 * 15, 1) == -12
+    assert kernels.quantize(x.data_ptr(), 4 * n, chunk, codes.data_ptr(), n - 1, *ptrs[2:], 128, 1) == -12
+    assert kernels.quantize(x.data_ptr(), 4 * n, chunk, *ptrs[:3], 4095, None, 0, 1) == -12
+    with pytest.raises(CodecError, match=r"p2pq_decode refused.*bad magic \(code -4\)"):
+        raise fmt.native_error(-4, "p2pq_decode")
 
 
 @pytest.mark.parametrize("which", ["fp32", "int8"])

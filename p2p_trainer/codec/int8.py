@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 from typing import Literal
 
@@ -130,15 +131,11 @@ class Int8Codec:
                 )
             )
         n = x.numel()
-        payload, address = _uninitialized_bytes(fmt.payload_size(n, self.chunk_size))
-        ctypes.memmove(address, fmt.pack_header(n, self.chunk_size), fmt.HEADER_SIZE)
-        codebooks_at = address + fmt.HEADER_SIZE
-        codes_at = codebooks_at + fmt.n_chunks(n, self.chunk_size) * fmt.CODEBOOK_BYTES
-        bad = kernels.quantize(
-            x.data_ptr(), n, self.chunk_size, codes_at, codebooks_at, None, self._threads()
-        )
-        if bad >= 0:
-            raise CodecError(non_finite_message(x))
+        size = fmt.payload_size(n, self.chunk_size)
+        payload, address = _uninitialized_bytes(size)
+        # The kernel writes header, codebooks and codes, checking that they fill exactly `size` bytes.
+        rc = kernels.encode(x.data_ptr(), 4 * n, self.chunk_size, address, size, self._threads())
+        _check_rc(rc, x, "p2pq_encode")
         return payload
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, ...]]]:
@@ -151,17 +148,19 @@ class Int8Codec:
         codes = torch.empty(n, dtype=torch.uint8)
         codebooks = torch.empty(fmt.n_chunks(n, self.chunk_size), fmt.N_BUCKETS, dtype=torch.float32)
         stats = torch.empty(codebooks.shape[0], 4, dtype=torch.float64)
-        bad = kernels.quantize(
+        rc = kernels.quantize(
             x.data_ptr(),
-            n,
+            4 * n,
             self.chunk_size,
             codes.data_ptr(),
+            n,
             codebooks.data_ptr(),
-            stats.data_ptr(),
+            4 * codebooks.numel(),
+            stats.data_ptr() if stats.numel() else None,
+            8 * stats.numel(),
             self._threads(),
         )
-        if bad >= 0:
-            raise CodecError(non_finite_message(x))
+        _check_rc(rc, x, "p2pq_quantize")
         return codes, codebooks, [tuple(row) for row in stats.tolist()]
 
     # -- decode ------------------------------------------------------------------------------------
@@ -173,36 +172,45 @@ class Int8Codec:
             codes, codebooks = _reference_inputs(parsed)
             return reference.dequantize(codes, codebooks, parsed.chunk_size)
         out = torch.empty(numel, dtype=torch.float32)
-        address = _address(parsed.payload)
-        kernels.dequantize(
-            address + parsed.codes_offset,
-            address + fmt.HEADER_SIZE,
-            numel,
-            parsed.chunk_size,
-            out.data_ptr(),
-            self._threads(),
-        )
+        payload = parsed.payload
+        rc = kernels.dequantize(_address(payload), len(payload), out.data_ptr(), 4 * numel, self._threads())
+        if rc != 0:
+            raise fmt.native_error(rc, "p2pq_dequantize")
         return out
 
     def decode_accumulate(self, payload: bytes, out: torch.Tensor, weight: float) -> None:
         check_out(out)
-        w = check_weight(weight)
+        w = _float32_weight(weight)
         parsed = fmt.parse(payload, out.numel())
         kernels = self._native()
         if kernels is None:
             codes, codebooks = _reference_inputs(parsed)
             reference.decode_accumulate(codes, codebooks, parsed.chunk_size, out.detach(), w)
             return
-        address = _address(parsed.payload)
-        kernels.decode_accumulate(
-            address + parsed.codes_offset,
-            address + fmt.HEADER_SIZE,
-            parsed.numel,
-            parsed.chunk_size,
-            w,
-            out.data_ptr(),
-            self._threads(),
+        payload = parsed.payload
+        rc = kernels.decode_accumulate(
+            _address(payload), len(payload), w, out.data_ptr(), 4 * out.numel(), self._threads()
         )
+        if rc != 0:
+            raise fmt.native_error(rc, "p2pq_decode_accumulate")
+
+
+def _float32_weight(weight: float) -> float:
+    # Both backends scale the codebook by float32(weight); one that overflows float32 is a caller's bug.
+    w = check_weight(weight)
+    try:
+        struct.pack("<f", w)
+    except OverflowError:
+        raise ValueError(f"weight must fit in float32, got {weight!r}") from None
+    return w
+
+
+def _check_rc(rc: int, x: torch.Tensor, call: str) -> None:
+    """An encode-side return value: -1 is success, a chunk index means NaN/Inf in ``x``."""
+    if rc >= 0:
+        raise CodecError(non_finite_message(x))
+    if rc < -1:
+        raise fmt.native_error(rc, call)
 
 
 def _reference_inputs(parsed: fmt.Parsed) -> tuple[torch.Tensor, torch.Tensor]:

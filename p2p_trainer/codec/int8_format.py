@@ -56,6 +56,28 @@ _FLOAT_CODES_MIN = 2.0**-100
 _FLOAT_CODES_MAX = 2.0**100
 
 
+# Error codes of the C entry points (kernels/int8_codec.c, enum P2PQ_E*). The kernel repeats parse()'s
+# checks against the byte lengths it is given, so that it never trusts its caller's arithmetic.
+NATIVE_ERRORS = {
+    -2: "invalid arguments (null pointer, length < 0 or not whole floats, threads < 1, non-finite weight)",
+    -3: f"payload shorter than its {HEADER_SIZE}-byte header",
+    -4: "bad magic",
+    -5: "unsupported format version",
+    -6: "non-zero reserved header fields",
+    -7: "header numel differs from the output's size",
+    -8: f"chunk size is not a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]",
+    -9: "header chunk count differs from ceil(numel / chunk size)",
+    -10: "payload length differs from the size its header implies",
+    -11: "codebook holds NaN or Inf",
+    -12: "an output buffer's length does not match the input",
+}
+
+
+def native_error(code: int, call: str) -> CodecError:
+    """The CodecError for a C entry point's error ``code`` (< -1)."""
+    return CodecError(f"{call} refused its buffers: {NATIVE_ERRORS.get(code, 'unknown error')} (code {code})")
+
+
 def check_chunk_size(chunk_size: int) -> int:
     if (
         not isinstance(chunk_size, int)

@@ -164,8 +164,10 @@ def start_dht(
     client_mode: bool,
     join_timeout: float,
     validators: Sequence[RecordValidatorBase],
+    restart: bool = False,
 ) -> hivemind.DHT:
-    """Start our DHT node (own process + p2pd), retrying unreachable initial peers with backoff."""
+    """Start our DHT node (own process + p2pd), retrying unreachable initial peers with backoff.
+    ``restart``: the identity was in use by our own node a moment ago, not by another peer."""
     deadline = time.monotonic() + join_timeout
     delay, attempt = 0.5, 0
     while True:
@@ -178,8 +180,11 @@ def start_dht(
                 announce_maddrs=list(announce_maddrs) or None,
                 identity_path=identity.path,
                 # a key we just made cannot be in use; checking an old one costs a second p2pd
-                check_if_identity_free=identity.existed,
+                check_if_identity_free=identity.existed and not restart,
                 client_mode=client_mode,
+                # a client dials only full peers, which are reachable directly (swarm.reachability):
+                # it neither needs a relay nor can serve as one, and no byte of it goes through one
+                use_relay=not client_mode,
                 record_validators=list(validators),
                 # asking the LAN's router (UPnP) for a port mapping makes no sense for a loopback listener
                 nat_port_map=not _loopback_only(host_maddrs),

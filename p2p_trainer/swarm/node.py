@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import time
@@ -23,7 +24,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P
 
 from p2p_trainer.config import SwarmConfig
-from p2p_trainer.swarm import procs
+from p2p_trainer.swarm import procs, reachability
 from p2p_trainer.swarm.errors import SwarmError
 from p2p_trainer.swarm.identity import check_announce_maddrs, check_multiaddrs, load_identity, start_dht
 from p2p_trainer.swarm.loop import LoopThread
@@ -45,7 +46,11 @@ class _Call:
 
 class SwarmNode:
     """Starts the DHT (retrying unreachable initial peers for ``cfg.join_timeout``) and the loop;
-    raises SwarmError with a one-line reason, leaving nothing running behind."""
+    raises SwarmError with a one-line reason, leaving nothing running behind.
+
+    Unless the mode was chosen (``client_mode``, or ``auto_client_mode`` off), a joining peer asks
+    an initial peer whether it can be dialed back (``swarm.reachability``) and, when it cannot,
+    restarts its DHT in client mode and says so in one line. ``client_mode`` is the mode in effect."""
 
     def __init__(self, cfg: SwarmConfig) -> None:
         initial_peers = check_multiaddrs(cfg.initial_peers, "swarm.initial_peers", need_peer_id=True)
@@ -53,6 +58,9 @@ class SwarmNode:
         announce_maddrs = check_announce_maddrs(cfg.announce_maddrs)
         self.identity = load_identity(cfg.identity)
         self.peer_id: str = self.identity.peer_id
+        self.client_mode: bool = cfg.client_mode
+        self.reachability: reachability.Verdict | None = None  # None: not asked
+        self.probe_server: reachability.ProbeServer | None = None
         self.dht: hivemind.DHT | None = None
         self.p2p: P2P | None = None
         self._thread: LoopThread | None = None
@@ -62,20 +70,47 @@ class SwarmNode:
         try:
             validators = make_validators(cfg.run_id, self.identity.private_key)
             self.signer: RSASignatureValidator = validators[0]
-            self.dht = start_dht(
+            self._start_dht = functools.partial(
+                start_dht,
                 identity=self.identity,
                 initial_peers=initial_peers,
                 host_maddrs=host_maddrs,
                 announce_maddrs=announce_maddrs,
-                client_mode=cfg.client_mode,
                 join_timeout=cfg.join_timeout,
                 validators=validators,
             )
+            self.dht = self._start_dht(client_mode=self.client_mode)
             self._thread = LoopThread(f"swarm-{self.peer_id[-6:]}")
             self.p2p = self.call(self.dht.replicate_p2p(), timeout=60.0)
+            probers = reachability.peer_ids(initial_peers, self.peer_id)
+            if not self.client_mode and cfg.auto_client_mode and probers:
+                self._check_reachable(probers)
+            if not self.client_mode:  # a client cannot be dialed, so nobody could ask it
+                self.probe_server = reachability.ProbeServer(self.p2p)
+                self.call(self.probe_server.start(), timeout=30.0)
         except BaseException:
             self.shutdown()
             raise
+
+    def _check_reachable(self, probers: list[str]) -> None:
+        """Ask an initial peer to dial us back; when it cannot, restart as a client and say so."""
+        verdict = self.reachability = self.call(reachability.check(self.p2p, probers), timeout=60.0)
+        if verdict.reachable is None:
+            logger.info(f"could not check that the swarm reaches this peer ({verdict.reason}); staying full")
+        if verdict.reachable is not False:
+            return
+        logger.warning(
+            f"this peer is not reachable from the swarm ({verdict.reason}): switching to client mode (it "
+            "sends its part of every round and gets the average, reduces no slice); pass --client-mode to "
+            "skip this check or --swarm.auto_client_mode false to stay a full peer"
+        )
+        self.call(self.p2p.shutdown(), timeout=10.0)  # our client of the old daemon
+        self.p2p = None
+        procs.stop_dht(self.dht)
+        self.dht = None
+        self.dht = self._start_dht(client_mode=True, restart=True)
+        self.client_mode = True
+        self.p2p = self.call(self.dht.replicate_p2p(), timeout=60.0)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

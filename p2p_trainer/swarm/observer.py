@@ -3,6 +3,7 @@ fingerprint, and publishes nothing (what `p2p-trainer status` uses). ``SwarmPeer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -18,11 +19,12 @@ class Observer:
     """Joins (or starts) the swarm of ``cfg.run_id``; raises SwarmError with a one-line reason."""
 
     def __init__(self, cfg: SwarmConfig) -> None:
-        self.cfg = cfg
         allowed = frozenset(cfg.private)
         # a private run (``swarm.private``) hears nobody outside its list; an open one hears everyone
         self.admitted = (lambda peer_id: peer_id in allowed) if allowed else (lambda peer_id: True)
         self._node = SwarmNode(cfg)
+        # the mode in effect: the node may have found this peer unreachable and switched to client mode
+        self.cfg = dataclasses.replace(cfg, client_mode=self._node.client_mode)
         self.peer_id: str = self._node.peer_id
         self._closed = False
         try:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from p2p_trainer.codec import get_codec
+from p2p_trainer.codec import SparseParams, get_codec
 from p2p_trainer.config import SwarmConfig
 from p2p_trainer.contracts import RoundResult, fingerprint_sha256
 from p2p_trainer.swarm.allreduce import AllReducer, Fault
@@ -48,10 +48,9 @@ class SwarmPeer(Observer):
         reducer_fault: ReducerFault | None = None,
     ) -> None:
         try:
-            self._codec = get_codec(cfg.codec)
-            self._codec.encode(
-                torch.zeros(16)
-            )  # a codec that builds native code lazily does it now, not mid-round
+            self._codec = get_codec(cfg.codec, sparse=SparseParams(cfg.sparse_chunk, cfg.sparse_k, cfg.sparse_bits))
+            # a codec that builds native code lazily does it now, not mid-round
+            self._codec.encode(torch.zeros(16))
         except ValueError as e:
             raise SwarmError(f"swarm.codec: {e}") from None
         self.last_error = ""  # why the last all_reduce returned None
