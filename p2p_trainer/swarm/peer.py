@@ -48,7 +48,8 @@ class SwarmPeer(Observer):
         reducer_fault: ReducerFault | None = None,
     ) -> None:
         try:
-            self._codec = get_codec(cfg.codec, sparse=SparseParams(cfg.sparse_chunk, cfg.sparse_k, cfg.sparse_bits))
+            sparse = SparseParams(cfg.sparse_chunk, cfg.sparse_k, cfg.sparse_bits)
+            self._codec = get_codec(cfg.codec, sparse=sparse)
             # a codec that builds native code lazily does it now, not mid-round
             self._codec.encode(torch.zeros(16))
         except ValueError as e:
