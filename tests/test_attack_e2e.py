@@ -19,7 +19,7 @@ TINY = [
     "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4",
     "--model.intermediate_size", "128", "--model.seq_len", "64", "--data.batch_size", "8",
     "--data.micro_batch_size", "8", "--inner.steps_per_round", "5", "--log.eval_every", "3",
-    "--swarm.min_group_size", "3", "--swarm.matchmaking_timeout", "30", "--max-outer-steps", str(STEPS),
+    "--swarm.min_group_size", "3", "--swarm.matchmaking_timeout", "10", "--max-outer-steps", str(STEPS),
 ]  # fmt: skip
 
 
@@ -50,9 +50,9 @@ def _outer(tmp, name):
 def test_every_round_completes_with_the_honest_peers_identical_and_finite(attacked):
     tmp, logs = attacked
     honest = [_outer(tmp, n) for n in ("h0", "h1", "h2")]
-    for records in honest:
-        assert sorted(records) == list(range(1, STEPS + 1)), logs
-    for step in range(1, STEPS + 1):
+    for records in honest:  # a peer that started late joins through a download: its records start later
+        assert sorted(records) == list(range(min(records), STEPS + 1)) and min(records) <= 2, logs
+    for step in range(max(min(r) for r in honest), STEPS + 1):
         assert len({r[step]["params_sha256"] for r in honest}) == 1, (step, logs)
         assert all(r[step]["params_finite"] and math.isfinite(r[step]["loss"]) for r in honest)
         assert honest[0][step]["group_size"] >= 3

@@ -19,9 +19,11 @@ import sys
 import time
 
 import pytest
+from hivemind.p2p import PeerID
 
 from p2p_trainer.metrics import read_metrics
-from p2p_trainer.swarm import reachability
+from p2p_trainer.swarm import reachability, wire
+from p2p_trainer.swarm.messages import ProbeRefusal, ProbeReply
 from p2p_trainer.swarm.node import SwarmNode
 from p2p_trainer.swarm.observer import Observer
 from p2p_trainer.swarm.procs import command_line, descendants
@@ -137,15 +139,29 @@ def test_a_peer_that_cannot_be_dialed_switches_to_client_mode_in_one_line(public
     assert "--client-mode" in switches[0] and "--swarm.auto_client_mode false" in switches[0]
 
 
+async def _raw_probe(p2p, prober: str, raw: bytes):
+    """Send ``raw`` as a probe request, as a hostile asker would; the prober's answer."""
+    traffic = wire.Traffic()
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(prober), reachability.HANDLER)
+    try:
+        await wire.send_frame(writer, raw, traffic)
+        return await wire.recv_message(reader, (ProbeReply, ProbeRefusal), traffic)
+    finally:
+        await wire.close(writer)
+
+
 @pytest.mark.timeout(60)
 def test_the_prober_never_dials_a_third_party_and_refuses_malformed_requests(public_node):
     node = SwarmNode(local_config("nat-loopback", [_maddr(public_node)], auto_client_mode=False))
     try:
         ask = lambda maddrs: node.call(reachability._ask(node.p2p, public_node.peer_id, maddrs), timeout=10)
         third_party = ask(["/ip4/6.6.6.6/tcp/22", "/ip4/192.168.1.1/tcp/80"])
-        assert third_party["reachable"] is False and third_party["observed"] == "127.0.0.1"
-        assert "connects from 127.0.0.1 but announces no TCP address there" in third_party["reason"]
-        assert "error" in ask("not a list")
+        assert third_party.reachable is False and third_party.observed == "127.0.0.1"
+        assert "connects from 127.0.0.1 but announces no TCP address there" in third_party.reason
+        malformed = node.call(
+            _raw_probe(node.p2p, public_node.peer_id, b'{"maddrs": "not a list"}'), timeout=10
+        )
+        assert isinstance(malformed, ProbeRefusal) and "malformed probe request" in malformed.error
     finally:
         node.shutdown()
 
@@ -221,14 +237,21 @@ def test_behind_nat_a_forwarded_port_keeps_a_full_peer_and_the_bootstrap_peer_pr
             }
             answers = {}
             for ns, extra in args.items():
-                out = subprocess.run(lab.prefix(ns) + [sys.executable, "-c", _NODE_SCRIPT, maddr, *extra],
-                                     capture_output=True, text=True, timeout=90)
+                out = subprocess.run(
+                    lab.prefix(ns) + [sys.executable, "-c", _NODE_SCRIPT, maddr, *extra],
+                    capture_output=True,
+                    text=True,
+                    timeout=90,
+                )
                 assert out.returncode == 0, out.stderr[-2000:]
                 answers[ns] = json.loads(out.stdout.strip().splitlines()[-1])
         finally:
             assert stop(boot) == 0, log.read_text()[-2000:]
-    assert answers[forwarded.ns] == {"reachable": True, "client_mode": False,
-                                     "reason": f"dialed it back at {forwarded.wan_addr}:4001"}
+    assert answers[forwarded.ns] == {
+        "reachable": True,
+        "client_mode": False,
+        "reason": f"dialed it back at {forwarded.wan_addr}:4001",
+    }
     assert answers[closed.ns]["reachable"] is False and answers[closed.ns]["client_mode"] is True
     assert f"connects from {closed.wan_addr}" in answers[closed.ns]["reason"], answers
 
@@ -254,10 +277,18 @@ def nat_run(tmp_path_factory):
     keys = {name: tmp / f"{name}.key" for name in NAMES}
     ids = {name: peer_id_of(key) for name, key in keys.items()}  # creates the key files
     common = (
-        *ROUND_ARGS, "--max-outer-steps", str(STEPS), "--swarm.min_group_size", "3",
-        "--config", "configs/debug.toml",
+        *ROUND_ARGS,
+        "--max-outer-steps",
+        str(STEPS),
+        "--swarm.min_group_size",
+        "3",
+        "--config",
+        "configs/debug.toml",
         # the first round waits for the slowest starter instead of failing and starting over
-        "--swarm.matchmaking_timeout", "60", "--log.progress_bar", "false",
+        "--swarm.matchmaking_timeout",
+        "60",
+        "--log.progress_bar",
+        "false",
     )
     procs, started = {}, time.monotonic()
     with NatLab(homes=2) as lab:
@@ -274,8 +305,10 @@ def nat_run(tmp_path_factory):
             for name in ("home0", "home1"):  # after the switch: the client's p2pd, its flags
                 wait_until(lambda n=name: SWITCH in (tmp / f"{n}.log").read_text(), 120, f"{name} to switch")
                 p2pd[name] = wait_until(
-                    lambda n=name: [a for a in _p2pd_args(procs[n].pid) if "-dhtClient=1" in a], 30,
-                    f"{name}'s client-mode p2pd")
+                    lambda n=name: [a for a in _p2pd_args(procs[n].pid) if "-dhtClient=1" in a],
+                    30,
+                    f"{name}'s client-mode p2pd",
+                )
             codes = {name: p.wait(timeout=200) for name, p in procs.items()}
         finally:
             stop_all(procs)  # only those still running: a test that timed out
@@ -283,8 +316,15 @@ def nat_run(tmp_path_factory):
     wall = time.monotonic() - started
     records = {name: read_metrics(tmp / f"{name}.jsonl", "outer_step") for name in NAMES}
     logs = {name: (tmp / f"{name}.log").read_text() for name in NAMES}
-    return dict(codes=codes, ids=ids, records=records, logs=logs, p2pd=p2pd, wall=wall,
-                traffic=dict(zip(("home0", "home1"), traffic.values(), strict=True)))
+    return dict(
+        codes=codes,
+        ids=ids,
+        records=records,
+        logs=logs,
+        p2pd=p2pd,
+        wall=wall,
+        traffic=dict(zip(("home0", "home1"), traffic.values(), strict=True)),
+    )
 
 
 @pytest.mark.timeout(300)
@@ -331,5 +371,7 @@ def test_nat_homes_are_in_every_round_with_their_tokens(nat_run, record_property
         assert t["to_public"] > 0 and t["from_public"] > 0, t
     report = {home: {"relayed_bytes": 0, **nat_run["traffic"][home]} for home in ("home0", "home1")}
     record_property("nat_traffic", report)
-    print(f"\nNAT run: {STEPS} rounds in {nat_run['wall']:.0f}s; bytes through a relay: 0; "
-          f"router byte counters: {report}")
+    print(
+        f"\nNAT run: {STEPS} rounds in {nat_run['wall']:.0f}s; bytes through a relay: 0; "
+        f"router byte counters: {report}"
+    )

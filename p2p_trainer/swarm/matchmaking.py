@@ -149,6 +149,7 @@ class Matchmaker:
         self._tasks: set[asyncio.Task] = set()
         self._skip_until: dict[str, int] = {}  # leader -> first outer step at which we ask it again
         self._banned: dict[str, str] = {}  # peers proven to cheat -> how; never admitted, never asked
+        self._refused: dict[int, set[str]] = {}  # step -> peers we refused there: no lobby waits for them
 
     async def start(self) -> None:
         if not self.client_mode:  # client peers never lead, so they accept no join requests
@@ -338,6 +339,9 @@ class Matchmaker:
         refusal = await self._refusal(member, request)
         if refusal:
             logger.warning(f"round {step}: refusing {member.peer_id} in the group: {refusal}")
+            for old in [s for s in self._refused if s < step - 2]:
+                del self._refused[old]
+            self._refused.setdefault(step, set()).add(member.peer_id)
             return JoinReply(error=f"the leader refused this peer: {refusal}")
         records = await self._board.read(max_age=0.5)
         skipped = self._believed_skips(step, request.skipped, records) | self._skipped_at(step)
@@ -397,7 +401,8 @@ class Matchmaker:
                     logger.info(f"round {step}: handing the group over to {leader}, a smaller full peer")
                     lobby.outcome.set_result(JoinReply(redirect=leader))
                     return
-                expected = {pid for pid, r in records.items() if r.outer_step == step} - set(self._banned)
+                expected = {pid for pid, r in records.items() if r.outer_step == step}
+                expected -= set(self._banned) | self._refused.get(step, set())
                 missing = sorted(expected - set(lobby.joined))
                 enough = len(lobby.joined) >= self.min_group_size
                 swarm_step = swarm_outer_step(records)

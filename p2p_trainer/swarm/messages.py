@@ -165,6 +165,21 @@ class StateRefusal(Message):
     moved: bool = False
 
 
+# ---- reachability (see ``reachability``) ---------------------------------------------------------
+class ProbeRequest(Message):
+    maddrs: Annotated[list[Annotated[str, StringConstraints(max_length=300)]], Field(max_length=32)]
+
+
+class ProbeReply(Message):
+    reachable: bool
+    reason: Reason
+    observed: Annotated[str, StringConstraints(max_length=100)] | None = None
+
+
+class ProbeRefusal(Message):
+    error: Reason
+
+
 # ---- parsing --------------------------------------------------------------------------------------
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _DEPTH = bytes.maketrans(b"[{]}", b"\x01\x01\x02\x02")

@@ -33,6 +33,7 @@ from multiaddr import Multiaddr
 
 from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.loop import LoopThread
+from p2p_trainer.swarm.messages import ProbeRefusal, ProbeReply, ProbeRequest
 
 logger = logging.getLogger(__name__)
 
@@ -163,18 +164,22 @@ class ProbeServer:
     async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         traffic, asker = wire.Traffic(), info.peer_id.to_base58()
         try:
-            request = await asyncio.wait_for(wire.recv_json(reader, traffic), timeout=5.0)
-            announced = request.get("maddrs")
-            if not isinstance(announced, list) or not all(isinstance(m, str) for m in announced):
-                return await wire.send_json(writer, {"error": "malformed probe request"}, traffic)
+            try:
+                request = await asyncio.wait_for(
+                    wire.recv_message(reader, (ProbeRequest,), traffic), timeout=5.0
+                )
+            except wire.FrameError as e:
+                return await wire.send_message(
+                    writer, ProbeRefusal(error=f"malformed probe request: {e}"), traffic
+                )
             if not self._bucket.take():
-                busy = {"error": "busy: too many probes, ask another peer"}
-                return await wire.send_json(writer, busy, traffic)
-            reply = await self._verdict(str(info.addr), announced)
+                busy = ProbeRefusal(error="busy: too many probes, ask another peer")
+                return await wire.send_message(writer, busy, traffic)
+            reply = await self._verdict(str(info.addr), request.maddrs)
             self.answered += 1
-            verdict = "reachable" if reply["reachable"] else "unreachable"
-            logger.info(f"reachability probe from {asker}: {verdict} ({reply['reason']})")
-            await wire.send_json(writer, reply, traffic)
+            verdict = "reachable" if reply.reachable else "unreachable"
+            logger.info(f"reachability probe from {asker}: {verdict} ({reply.reason})")
+            await wire.send_message(writer, reply, traffic)
         except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError) as e:
             logger.debug(f"reachability probe from {asker} broke off: {e!r}")
         except asyncio.CancelledError:
@@ -182,24 +187,25 @@ class ProbeServer:
         finally:
             await wire.close(writer)
 
-    async def _verdict(self, remote: str, announced: list[str]) -> dict[str, Any]:
+    async def _verdict(self, remote: str, announced: list[str]) -> ProbeReply:
         host = observed_host(remote)
         if host is None:
-            return {"reachable": False, "reason": f"it reached us through a relay ({remote})"}
+            return ProbeReply(reachable=False, reason=_clip(f"it reached us through a relay ({remote})", 500))
         targets = dial_targets(await _resolved(announced), host)
         if not targets:
             shown = ", ".join(_clip(m, 100) for m in announced[:3]) or "nothing"
-            return {
-                "reachable": False,
-                "observed": host,
-                "reason": f"it connects from {host} but announces no TCP address there, only {shown}",
-            }
+            why = f"it connects from {host} but announces no TCP address there, only {shown}"
+            return ProbeReply(reachable=False, observed=host[:100], reason=why[:500])
         failures = await asyncio.gather(*(dial_libp2p(h, p) for h, p in targets))
         ok = [f"{h}:{p}" for (h, p), why in zip(targets, failures, strict=True) if not why]
         if ok:
-            return {"reachable": True, "observed": host, "reason": f"dialed it back at {', '.join(ok)}"}
+            return ProbeReply(
+                reachable=True, observed=host[:100], reason=f"dialed it back at {', '.join(ok)}"[:500]
+            )
         tried = "; ".join(f"{h}:{p}: {why}" for (h, p), why in zip(targets, failures, strict=True))
-        return {"reachable": False, "observed": host, "reason": f"dialing it back failed ({tried})"}
+        return ProbeReply(
+            reachable=False, observed=host[:100], reason=f"dialing it back failed ({tried})"[:500]
+        )
 
 
 # ---- the asker ----
@@ -219,19 +225,20 @@ async def check(p2p: P2P, probers: Sequence[str], timeout: float = ASK_TIMEOUT_S
         except Exception as e:  # whatever went wrong with one prober, the next may answer
             problems.append(f"{prober[-8:]}: {_short(e)}")
             continue
-        if "error" in reply or not isinstance(reply.get("reachable"), bool):
-            problems.append(f"{prober[-8:]}: {_clip(reply.get('error', 'malformed answer'), 100)}")
+        if isinstance(reply, ProbeRefusal):
+            problems.append(f"{prober[-8:]}: {_clip(reply.error, 100)}")
             continue
-        return Verdict(reply["reachable"], _clip(reply.get("reason", ""), 300), prober)
+        return Verdict(reply.reachable, _clip(reply.reason, 300), prober)
     return Verdict(None, "; ".join(problems) or "no peer to ask")
 
 
-async def _ask(p2p: P2P, prober: str, announced: list[str]) -> dict[str, Any]:
+async def _ask(p2p: P2P, prober: str, announced: list[str]) -> ProbeReply | ProbeRefusal:
     traffic = wire.Traffic()
     _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(prober), HANDLER)
     try:
-        await wire.send_json(writer, {"maddrs": announced[:MAX_ADDRS]}, traffic)
-        return await wire.recv_json(reader, traffic)
+        request = ProbeRequest(maddrs=[m[:300] for m in announced[:MAX_ADDRS]])
+        await wire.send_message(writer, request, traffic)
+        return await wire.recv_message(reader, (ProbeReply, ProbeRefusal), traffic)
     finally:
         await wire.close(writer)
 
@@ -276,4 +283,3 @@ class ProbeService:
                 logger.debug(f"could not close the probe service's P2P client: {e!r}")
             self._p2p = None
         self._thread.stop()
-
