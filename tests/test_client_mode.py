@@ -6,7 +6,7 @@ import pytest
 
 from p2p_trainer.metrics import read_metrics
 from tests.e2e import start, train_args
-from tests.volunteers import ROUND_ARGS, peer_id_of, plan_first_peer, stop_all
+from tests.volunteers import ROUND_ARGS, TINY_MODEL, peer_id_of, plan_first_peer, stop_all
 
 STEPS = 3
 NAMES = ("full0", "full1", "client")
@@ -16,7 +16,7 @@ NAMES = ("full0", "full1", "client")
 def client_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("client_mode")
     first, maddr = plan_first_peer(tmp, "full0")
-    common = (*ROUND_ARGS, "--max-outer-steps", str(STEPS), "--swarm.min_group_size", "3")
+    common = (*ROUND_ARGS, *TINY_MODEL, "--max-outer-steps", str(STEPS), "--swarm.min_group_size", "3")
     extra = {
         "full0": first,
         "full1": ["--initial-peers", maddr],

@@ -30,7 +30,7 @@ from p2p_trainer.swarm.procs import command_line, descendants
 from p2p_trainer.testing.netns import NatLab, why_unavailable
 from p2p_trainer.testing.swarm import local_config
 from tests.e2e import cli, start, stop, wait_for_line
-from tests.volunteers import ROUND_ARGS, free_port, peer_id_of, stop_all, wait_until
+from tests.volunteers import ROUND_ARGS, TINY_MODEL, free_port, peer_id_of, stop_all, wait_until
 
 SWITCH = "this peer is not reachable from the swarm ("
 
@@ -278,6 +278,7 @@ def nat_run(tmp_path_factory):
     ids = {name: peer_id_of(key) for name, key in keys.items()}  # creates the key files
     common = (
         *ROUND_ARGS,
+        *TINY_MODEL,
         "--max-outer-steps",
         str(STEPS),
         "--swarm.min_group_size",

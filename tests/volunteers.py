@@ -13,6 +13,12 @@ from typing import TypeVar
 
 # every peer of these tests: short rounds, no held-out evaluation
 ROUND_ARGS = ("--inner.steps_per_round", "5", "--log.eval_every", "0")
+# a tiny model for tests about the swarm rather than the model: its steps take milliseconds
+TINY_MODEL = (
+    "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4",
+    "--model.intermediate_size", "128", "--model.seq_len", "64", "--data.batch_size", "8",
+    "--data.micro_batch_size", "8",
+)  # fmt: skip
 T = TypeVar("T")
 
 
