@@ -146,9 +146,24 @@ class OuterConfig:
     lr: float = _f(0.7, "outer SGD learning rate")
     momentum: float = _f(0.9, "outer momentum")
     nesterov: bool = _f(True, "Nesterov momentum for the outer step")
+    overlap: str = _f(
+        "none",
+        "'none': the round blocks training; 'delayed': it runs while the next inner steps compute and "
+        "its average is applied one round late; 'eager': delayed, and the next inner steps start from θ "
+        "moved by this peer's own fresh pseudo-gradient",
+    )
+    error_feedback: str = _f(
+        "auto",
+        "add what the codec did not send of our pseudo-gradient to the next round's: 'on', 'off', or "
+        "'auto' (on for the sparse codec only)",
+    )
 
     def validate(self) -> None:
         _positive("outer.lr", self.lr)
+        if self.overlap not in ("none", "delayed", "eager"):
+            raise ConfigError(f"outer.overlap={self.overlap!r} must be 'none', 'delayed' or 'eager'")
+        if self.error_feedback not in ("auto", "on", "off"):
+            raise ConfigError(f"outer.error_feedback={self.error_feedback!r} must be 'auto', 'on' or 'off'")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"outer.momentum={self.momentum} must be in [0, 1)")
 

@@ -48,6 +48,7 @@ def run_fingerprint(cfg: Config, tokenizer_sha256: str, vocab_size: int) -> dict
         "data_mix": [[s["name"], float(s.get("weight", 1.0))] for s in cfg.data.sources],
         "seq_len": cfg.model.seq_len,
         "round_tokens": cfg.swarm.round_tokens,  # how a round closes (0: fixed H); `status` needs it for ETAs
+        "overlap": cfg.outer.overlap,  # what an outer step means (see outer_sync): peers must agree
     } | ({"private": sorted(cfg.swarm.private)} if cfg.swarm.private else {})
 
 
@@ -91,6 +92,7 @@ class RoundResult:
     members: list[str] = field(default_factory=list)  # the group in its agreed (accumulation) order
     group_id: str = ""  # the same on every member of the group
     clipped: dict[str, float] = field(default_factory=dict)  # members pulled in by robust aggregation
+    sent: torch.Tensor | None = None  # what our own parts decode to, when asked (error feedback)
 
     def metrics(self) -> dict[str, Any]:
         """The fields of the `outer_step` metrics record that describe the round (no tensor)."""

@@ -51,6 +51,12 @@ class DiLoCo:
         self._commit()
         return self.master.detach()
 
+    def skip(self) -> None:
+        """An outer step with nothing to apply (an overlapped round that failed, or the first one):
+        θ and the momentum stay, the step moves on."""
+        self.outer_step += 1
+        self._commit()
+
     def sha256(self) -> str:
         return params_sha256(self.master)
 

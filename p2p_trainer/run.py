@@ -148,7 +148,12 @@ class Trainer:
         self.data = TokenStream(cfg.data, tokenizer, cfg.model.seq_len, peer_seed=seed)
         self.eval_data = eval_batches(cfg.data, tokenizer, cfg.model.seq_len)
         self.metrics = MetricsWriter(cfg.log.metrics if ranks.leader else None)
-        self.outer = OuterSync(ranks, self.inner, diloco, self.swarm)
+        error_feedback = cfg.outer.error_feedback == "on" or (
+            cfg.outer.error_feedback == "auto" and cfg.swarm.codec == "sparse"
+        )
+        self.outer = OuterSync(
+            ranks, self.inner, diloco, self.swarm, cfg.outer, error_feedback=error_feedback
+        )
         self.catch_up = CatchUp(
             self.outer,
             self.swarm,
@@ -185,12 +190,13 @@ class Trainer:
                 if caught_up is not None:  # we were behind or diverged: this round's work is dropped
                     step, catching_up = caught_up, True
                     continue
-                report = self.outer.sync(step, float(stats.tokens))
+                last = self.max_outer_steps is not None and step + 1 >= self.max_outer_steps
+                report = self.outer.sync(step, float(stats.tokens), last=last)
                 catching_up = False
-                if report.applied:
+                if report.advanced:
                     step += 1
                 self._log_round(step, stats, report)
-                if report.applied:
+                if report.advanced:
                     self._after_outer_step(step, stats)
         finally:
             bar.close()
@@ -268,10 +274,9 @@ class Trainer:
                 params_finite=report.params_finite,
                 **report.metrics,
             )
-        else:
-            logger.warning(
-                "round %d failed: θ kept as it was; local progress carries into the next round", step
-            )
+        elif report.error:
+            carries = "into the next round" if not report.advanced else "nowhere: that round is lost"
+            logger.warning("round %d failed: θ kept as it was; local progress carries %s", step, carries)
             self.metrics.write("round_failed", outer_step=step, reason=report.error, **report.metrics)
 
     def _after_outer_step(self, step: int, stats: RoundStats) -> None:

@@ -161,21 +161,35 @@ class AllReducer:
         return state
 
     # ---- member side ----
-    async def run(self, group: Group, vector: torch.Tensor, weight: float) -> RoundResult:
+    async def run(
+        self, group: Group, vector: torch.Tensor, weight: float, *, keep_sent: bool = False
+    ) -> RoundResult:
         """Average ``vector`` with the group; RoundFailed when a slice cannot be completed, or when
-        the commit phase shows that the members do not all hold the same average (see ``verify``)."""
+        the commit phase shows that the members do not all hold the same average (see ``verify``).
+        ``keep_sent``: the result's ``sent`` is what our parts decode to (for error feedback)."""
         started = time.monotonic()
         members = [m.peer_id for m in group.members]
         if len(group.members) == 1:
-            return RoundResult(
+            alone = RoundResult(
                 vector.clone(), 1, float(weight), 0, 0, 0.0, 0.0, [], {}, members, group.group_id
             )
+            alone.sent = vector if keep_sent else None
+            return alone
         state = self._new_round(group)
         self.service.register(state)
         average = torch.empty(group.numel, dtype=torch.float32)
+        sent = torch.empty(group.numel, dtype=torch.float32) if keep_sent else None
         try:
             contributions = [
-                self._contribute(state, i, reducer, vector[lo:hi], weight, average[lo:hi])
+                self._contribute(
+                    state,
+                    i,
+                    reducer,
+                    vector[lo:hi],
+                    weight,
+                    average[lo:hi],
+                    None if sent is None else sent[lo:hi],
+                )
                 for i, (reducer, (lo, hi)) in enumerate(zip(group.reducers, state.bounds, strict=True))
             ]
             trailers = await asyncio.gather(*contributions, return_exceptions=True)
@@ -207,6 +221,7 @@ class AllReducer:
             members=members,
             group_id=group.group_id,
             clipped=clipped,
+            sent=sent,
         )
 
     async def _commit(self, state: RoundState, failure: BaseException | None) -> None:
@@ -277,15 +292,17 @@ class AllReducer:
         values: torch.Tensor,
         weight: float,
         out: torch.Tensor,
+        sent: torch.Tensor | None = None,
     ) -> SliceTrailer:
-        """Stream our part of slice ``index`` and decode the averaged slice into ``out``."""
+        """Stream our part of slice ``index`` and decode the averaged slice into ``out`` (and what
+        our part decodes to into ``sent``, if given)."""
         step = state.group.outer_step
         part = OutgoingPart(index, reducer, values, float(weight), outer_step=step)
         if self.fault is not None:
             part = self.fault(part)
         if part.delay_s > 0:
             await asyncio.sleep(part.delay_s)
-        payloads = _Payloads(self, part, chunk_bounds(values.numel(), state.group.chunk))
+        payloads = _Payloads(self, part, chunk_bounds(values.numel(), state.group.chunk), sent)
         if index in checked_slices(state.group.group_id, len(state.group.reducers), self.recheck):
             self._spawn(self._send_check(state, index, payloads))
         answer = SliceAnswer(server=reducer)
@@ -496,8 +513,15 @@ class _Payloads:
     """The encoded chunks of one outgoing part: encoded once (the next one while the current one is
     sent), kept for a takeover's resend, corrupted by the fault hook if there is one."""
 
-    def __init__(self, reducer: AllReducer, part: OutgoingPart, bounds: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        reducer: AllReducer,
+        part: OutgoingPart,
+        bounds: list[tuple[int, int]],
+        sent: torch.Tensor | None = None,
+    ) -> None:
         self.codec, self.part, self.bounds = reducer.codec, part, bounds
+        self.sent = sent  # where to decode what we send (for error feedback), if anywhere
         self._encoded: list[asyncio.Future[bytes]] = []
 
     def header(self, group: Group, index: int, *, takeover: bool = False) -> PartHeader:
@@ -519,8 +543,10 @@ class _Payloads:
             lo, hi = self.bounds[len(self._encoded)]
             values = self.part.values[lo:hi]
 
-            def encode(values: torch.Tensor = values) -> bytes:
+            def encode(values: torch.Tensor = values, lo: int = lo, hi: int = hi) -> bytes:
                 payload = self.codec.encode(values)
+                if self.sent is not None:
+                    self.sent[lo:hi].copy_(self.codec.decode(payload, hi - lo))
                 return self.part.corrupt(payload, values) if self.part.corrupt else payload
 
             self._encoded.append(asyncio.get_running_loop().run_in_executor(None, encode))

@@ -124,10 +124,22 @@ class SwarmNode:
         """Run ``coro`` on the loop and wait for it. TimeoutError after ``timeout`` seconds;
         Interrupted once ``interrupt()`` was called and ``grace`` seconds have passed since
         (``math.inf``: never)."""
+        return self.outcome(self.start(coro, timeout=timeout, grace=grace))
+
+    def start(
+        self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None, grace: float = 0.0
+    ) -> concurrent.futures.Future[T]:
+        """Like ``call`` but without waiting: the future of ``coro`` (read it with ``outcome``)."""
         if self._interrupted_at is not None and grace == 0.0 or self._thread is None:
             coro.close()
-            raise Interrupted("this peer is shutting down")
-        future = asyncio.run_coroutine_threadsafe(self._run(_Call(grace), coro, timeout), self.loop)
+            future: concurrent.futures.Future[T] = concurrent.futures.Future()
+            future.cancel()
+            return future
+        return asyncio.run_coroutine_threadsafe(self._run(_Call(grace), coro, timeout), self.loop)
+
+    @staticmethod
+    def outcome(future: concurrent.futures.Future[T]) -> T:
+        """Wait for a started call: its result, its exception, or Interrupted if it was cancelled."""
         try:
             return future.result()
         except concurrent.futures.CancelledError:

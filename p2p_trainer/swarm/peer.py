@@ -215,9 +215,23 @@ class SwarmPeer(Observer):
             return None
 
     # ---- the round ----
-    def all_reduce(self, *, outer_step: int, vector: torch.Tensor, weight: float) -> RoundResult | None:
+    def all_reduce(
+        self, *, outer_step: int, vector: torch.Tensor, weight: float, keep_sent: bool = False
+    ) -> RoundResult | None:
         """Average ``vector`` with this step's group, weighted by tokens. None when the round
-        failed (no group, a reducer lost, ...): the caller keeps its parameters unchanged."""
+        failed (no group, a reducer lost, ...): the caller keeps its parameters unchanged.
+        ``keep_sent``: the result's ``sent`` is what our parts decode to (for error feedback)."""
+        pending = self.start_all_reduce(
+            outer_step=outer_step, vector=vector, weight=weight, keep_sent=keep_sent
+        )
+        return pending.result()
+
+    def start_all_reduce(
+        self, *, outer_step: int, vector: torch.Tensor, weight: float, keep_sent: bool = False
+    ) -> PendingRound:
+        """Find this step's group (blocking), then average ``vector`` with it in the background
+        while the caller goes on (an overlapped outer step); ``vector`` must stay unchanged until
+        the round's ``result()`` is in."""
         if not (vector.dtype == torch.float32 and vector.dim() == 1 and vector.is_contiguous()):
             raise TypeError("all_reduce needs a 1-D contiguous float32 tensor")
         if vector.device.type != "cpu":
@@ -226,7 +240,7 @@ class SwarmPeer(Observer):
             raise ValueError(f"all_reduce weight must be finite, got {weight!r}")
         self.last_error = ""
         if self._closed or self._node.interrupted:
-            return self._failed(outer_step, "this peer is shutting down", "skipped")
+            return PendingRound.failed(self, outer_step, "this peer is shutting down", "skipped")
         started = time.monotonic()
         mine = self._board.mine
         # our exact tokens for this round, and no speed: we stopped training it (``finished_round``)
@@ -246,33 +260,19 @@ class SwarmPeer(Observer):
                 self._publish_and_match(final, outer_step, float(weight), vector.numel()),
                 timeout=cfg.matchmaking_timeout + 30.0,
             )
-            wait_s = time.monotonic() - started
-            if len(group.members) == 1:
-                logger.info(f"round {outer_step}: alone in the group; the average is our own vector")
-            else:
-                logger.info(
-                    f"round {outer_step}: all-reduce in group {group.group_id} of {len(group.members)}"
-                )
-            # a lost reducer costs up to two reply timeouts (its own, then its backup's)
-            result = self._node.call(
-                self._allreducer.run(group, vector, float(weight)),
-                timeout=4 * cfg.allreduce_timeout + 30.0,
-                grace=_LEAVE_GRACE_S,
-            )
-        except (RoundFailed, TimeoutError) as e:
-            return self._failed(outer_step, str(e), "failed, keeping parameters unchanged")
-        except Interrupted:  # interrupt() or shutdown() during the round
-            return self._failed(outer_step, "this peer is shutting down", "abandoned")
-        except Exception as e:  # a bug, or input no check foresaw: the round fails, this peer lives on
-            logger.exception(f"round {outer_step}: unexpected error")
-            return self._failed(outer_step, f"unexpected error: {e!r}", "failed, keeping θ unchanged")
-        result.wait_s = wait_s
-        return result
-
-    def _failed(self, outer_step: int, why: str, what: str) -> None:
-        self.last_error = why
-        logger.warning(f"round {outer_step} {what}: {why}")
-        return None
+        except Exception as e:
+            return PendingRound.failed(self, outer_step, *_failure(outer_step, e))
+        if len(group.members) == 1:
+            logger.info(f"round {outer_step}: alone in the group; the average is our own vector")
+        else:
+            logger.info(f"round {outer_step}: all-reduce in group {group.group_id} of {len(group.members)}")
+        # a lost reducer costs up to two reply timeouts (its own, then its backup's)
+        future = self._node.start(
+            self._allreducer.run(group, vector, float(weight), keep_sent=keep_sent),
+            timeout=4 * cfg.allreduce_timeout + 30.0,
+            grace=_LEAVE_GRACE_S,
+        )
+        return PendingRound(self, outer_step, future, wait_s=time.monotonic() - started)
 
     async def _publish_and_match(self, final: ProgressRecord, step: int, weight: float, numel: int) -> Group:
         await self._board.publish_now(final)
@@ -285,3 +285,45 @@ class SwarmPeer(Observer):
 
     def __enter__(self) -> SwarmPeer:
         return self
+
+
+def _failure(outer_step: int, error: BaseException) -> tuple[str, str]:
+    """(why, what happened) of a round that raised ``error``."""
+    if isinstance(error, (RoundFailed, TimeoutError)):
+        return str(error), "failed, keeping parameters unchanged"
+    if isinstance(error, Interrupted):  # interrupt() or shutdown() during the round
+        return "this peer is shutting down", "abandoned"
+    # a bug, or input no check foresaw: the round fails, this peer lives on
+    logger.error(f"round {outer_step}: unexpected error", exc_info=error)
+    return f"unexpected error: {error!r}", "failed, keeping θ unchanged"
+
+
+class PendingRound:
+    """A round whose data phase runs in the background; ``result()`` waits for it (None: failed,
+    and the peer's ``last_error`` says why)."""
+
+    def __init__(self, peer: SwarmPeer, outer_step: int, future, *, wait_s: float = 0.0) -> None:
+        self.peer, self.outer_step, self._future, self.wait_s = peer, outer_step, future, wait_s
+        self._failure: tuple[str, str] | None = None
+
+    @classmethod
+    def failed(cls, peer: SwarmPeer, outer_step: int, why: str, what: str) -> PendingRound:
+        pending = cls(peer, outer_step, None)
+        pending._failure = (why, what)
+        return pending
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def result(self) -> RoundResult | None:
+        if self._failure is None:
+            try:
+                result = self.peer._node.outcome(self._future)
+                result.wait_s = self.wait_s
+                return result
+            except Exception as e:
+                self._failure = _failure(self.outer_step, e)
+        why, what = self._failure
+        self.peer.last_error = why
+        logger.warning(f"round {self.outer_step} {what}: {why}")
+        return None
