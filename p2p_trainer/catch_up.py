@@ -29,8 +29,7 @@ class CatchUp:
     ) -> None:
         self.outer, self.swarm, self.metrics = outer, swarm, metrics
         self.ranks = outer.ranks
-        # the inner AdamW state travels only for single-rank peers (it is sharded otherwise)
-        self.with_inner = with_inner and self.ranks.world == 1
+        self.with_inner = with_inner  # the inner AdamW moments travel with θ (laid out like θ)
         self.progress_bar = progress_bar
         self.resumed_step: int | None = None  # set after a resume: the first check says how it went
         self.avoid: set[str] = set()  # θ hashes this peer found unusable (see ``guard``): never downloaded
@@ -42,8 +41,11 @@ class CatchUp:
         download = self._download_if_needed(outer_step) if self.ranks.leader else None
         if not self.ranks.share(download is not None):
             return None
-        new_step, inner_step = self.outer.adopt(download.state if download is not None else None)
+        new_step, inner_step = self.outer.adopt(
+            download.state if download is not None else None, with_inner=self.with_inner
+        )
         if self.ranks.leader:
+            download.state.discard()
             self.horizon.reached(new_step, time.monotonic(), by_round=False)
             self.metrics.write(
                 "state_download",
@@ -53,7 +55,7 @@ class CatchUp:
                 bytes=download.nbytes,
                 seconds=download.seconds,
                 inner_step=inner_step,
-                inner_optimizer=download.state.inner_optimizer is not None,
+                inner_optimizer=self.with_inner and download.state.has_inner,
                 failures=download.failures,
             )
             self.serve()
@@ -85,7 +87,7 @@ class CatchUp:
         if reason is None:
             return None
         download = self.swarm.download_state(
-            numel=self.outer.diloco.master.numel(),
+            numel=self.outer.state.numel,
             want_inner=self.with_inner,
             progress=self.progress_bar,
             avoid=self.avoid,
@@ -100,8 +102,9 @@ class CatchUp:
         self.horizon.reached(outer_step, time.monotonic(), by_round=True)
 
     def serve(self) -> None:
-        """Leader only: serve θ as of our last outer step to peers that join or catch up (a snapshot:
-        training goes on). Nothing before the first outer step or download: a fresh θ is no state."""
+        """Leader only: serve θ as of our last outer step to peers that join or catch up (read live
+        while training goes on). Nothing before the first outer step or download: a fresh θ is no
+        state."""
         if self.swarm is None or not self.outer.committed_sha256:
             return
-        self.swarm.publish_state(self.outer.snapshot(with_inner=self.with_inner))
+        self.swarm.publish_state(self.outer.source(with_inner=self.with_inner))

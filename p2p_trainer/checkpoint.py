@@ -1,34 +1,43 @@
 """Atomic local checkpoints: temp file, fsync, rename, keep the last N.
 
-A process killed in the middle of a save leaves at most a stray temp file; the previous
-checkpoint stays whole because it is never opened for writing.
+A checkpoint is one state file (see ``swarm.state_format``): θ, the outer momentum, the residual
+and the inner moments laid out like θ, so a peer with any number of local ranks resumes it, and
+the run's fingerprint, config and data position in its metadata. A process killed in the middle
+of a save leaves at most a stray temp file; the previous checkpoint stays whole because it is never
+opened for writing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
-import torch
+from p2p_trainer.swarm.state_format import MAX_LOCAL_HEADER, StateFile
 
-_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+_NAME = re.compile(r"^ckpt-(\d{8})\.safetensors$")
 
 
 def checkpoint_path(folder: str | Path, outer_step: int) -> Path:
-    return Path(folder) / f"ckpt-{outer_step:08d}.pt"
+    return Path(folder) / f"ckpt-{outer_step:08d}.safetensors"
 
 
-def save_checkpoint(folder: str | Path, outer_step: int, state: dict, keep: int = 2) -> Path:
-    """Write `state` for `outer_step` atomically, then drop all but the newest `keep` checkpoints."""
+def save_checkpoint(
+    folder: str | Path, outer_step: int, write: Callable[[BinaryIO], object], keep: int = 2
+) -> Path:
+    """Write the checkpoint of `outer_step` atomically (``write`` streams it into a file), then drop
+    all but the newest `keep` checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, outer_step)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-ckpt-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -54,16 +63,22 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_checkpoint(path: str | Path, numel: int | None = None) -> StateFile:
+    """A checkpoint, its header checked (θ of ``numel`` values, if given)."""
+    try:
+        return StateFile(path, numel, max_header=MAX_LOCAL_HEADER)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+
+
+def extra(file: StateFile, key: str) -> Any:
+    """What the run stored in a checkpoint's metadata under ``key`` (JSON)."""
+    return json.loads(file.metadata[f"extra.{key}"])

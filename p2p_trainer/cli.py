@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
     export.add_argument(
-        "checkpoint", help="checkpoint file (ckpt-*.pt) or a checkpoint folder (newest is used)"
+        "checkpoint", help="checkpoint file (ckpt-*.safetensors) or a checkpoint folder (newest is used)"
     )
     export.add_argument("out_dir", help="output folder (safetensors + config + tokenizer)")
 

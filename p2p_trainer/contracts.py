@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,11 +27,24 @@ def params_sha256(flat: torch.Tensor) -> str:
 def outer_state_sha256(master: torch.Tensor, momentum: torch.Tensor | None, outer_step: int) -> str:
     """Hash of what every member of a round holds alike after it: θ, the outer momentum (none
     before the first outer step) and the outer step. A download is checked against it."""
-    h = hashlib.sha256(f"outer_step={int(outer_step)};momentum={momentum is not None};".encode())
-    h.update(master.detach().float().contiguous().cpu().numpy().tobytes())
-    if momentum is not None:
-        h.update(momentum.detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return outer_state_sha256_from(
+        params_sha256(master), None if momentum is None else params_sha256(momentum), outer_step
+    )
+
+
+def outer_state_sha256_from(params_sha: str, momentum_sha: str | None, outer_step: int) -> str:
+    """``outer_state_sha256`` from the hashes of θ and of the momentum (each hashed as it streams
+    by, so no one needs both whole vectors at once)."""
+    text = f"outer_step={int(outer_step)};params={params_sha};momentum={momentum_sha or 'none'}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stream_sha256(windows) -> str:
+    """``params_sha256`` of a vector given as consecutive windows."""
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(window.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ---- the run fingerprint: what every peer of one run must share --------------------------------
@@ -75,12 +88,52 @@ def first_difference(swarm: dict, ours: dict, prefix: str = "") -> str | None:
     return None
 
 
+# ---- vectors read and written window by window ------------------------------------------------------
+class VectorSource(Protocol):
+    """A flat fp32 vector that need not exist whole anywhere (e.g. spread over local ranks)."""
+
+    numel: int
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Values ``[lo, hi)`` as an fp32 CPU tensor (do not modify it)."""
+
+
+class VectorSink(Protocol):
+    def write(self, lo: int, hi: int, values: torch.Tensor) -> None: ...
+
+
+class TensorVector:
+    """A whole tensor as a source and a sink."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.numel = tensor, tensor.numel()
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        return self.tensor[lo:hi]
+
+    def write(self, lo: int, hi: int, values: torch.Tensor) -> None:
+        self.tensor[lo:hi].copy_(values)
+
+
+class Window:
+    """Values ``[lo, hi)`` of a source or sink, as one of their own (offsets from ``lo``)."""
+
+    def __init__(self, base: VectorSource | VectorSink, lo: int, hi: int) -> None:
+        self.base, self.lo, self.numel = base, lo, hi - lo
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        return self.base.read(self.lo + lo, self.lo + hi)
+
+    def write(self, lo: int, hi: int, values: torch.Tensor) -> None:
+        self.base.write(self.lo + lo, self.lo + hi, values)
+
+
 # ---- one round's result ---------------------------------------------------------------------------
 @dataclass
 class RoundResult:
     """A completed all-reduce, as every member of the group saw it."""
 
-    average: torch.Tensor  # Σ w_j Δ_j / Σ w_j, bit-identical on every member of the group
+    average: torch.Tensor | None  # Σ w_j Δ_j / Σ w_j, bit-identical on every member of the group
     group_size: int
     total_weight: float
     bytes_sent: int
@@ -92,7 +145,9 @@ class RoundResult:
     members: list[str] = field(default_factory=list)  # the group in its agreed (accumulation) order
     group_id: str = ""  # the same on every member of the group
     clipped: dict[str, float] = field(default_factory=dict)  # members pulled in by robust aggregation
-    sent: torch.Tensor | None = None  # what our own parts decode to, when asked (error feedback)
+    # the average as the reducers encoded it, (lo, hi, payload) per chunk, when it was not decoded
+    # into ``average`` (None then; both None: we were alone and the average is our own vector)
+    encoded: list[tuple[int, int, bytes]] | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The fields of the `outer_step` metrics record that describe the round (no tensor)."""

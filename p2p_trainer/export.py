@@ -20,18 +20,21 @@ def load_model_from_checkpoint(path: str | Path):
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in folder: {path}")
         path = latest
-    state = checkpoint.load_checkpoint(path)
-    cfg = from_dict(state["config"], source=str(path))
-    tokenizer = build_tokenizer(cfg.data)
-    model = build_model(cfg.model, len(tokenizer))
-    flat = state["diloco"]["master"]
-    offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(flat[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-    if offset != flat.numel():
-        raise ValueError(f"checkpoint {path} holds {flat.numel()} values, the model {offset}")
+    file = checkpoint.open_checkpoint(path)
+    try:
+        cfg = from_dict(checkpoint.extra(file, "config"), source=str(path))
+        tokenizer = build_tokenizer(cfg.data)
+        model = build_model(cfg.model, len(tokenizer))
+        numel = sum(p.numel() for p in model.parameters())
+        if numel != file.numel:
+            raise ValueError(f"checkpoint {path} holds {file.numel} values, the model {numel}")
+        offset = 0
+        with torch.no_grad():
+            for p in model.parameters():  # one parameter at a time: θ is never whole in memory twice
+                p.copy_(file.read("master", offset, offset + p.numel()).view(p.shape))
+                offset += p.numel()
+    finally:
+        file.close()
     return model, tokenizer, cfg
 
 

@@ -2,7 +2,10 @@
 ``Diloco.step`` and torchft's ``DiLoCo._perform_sync``): the pseudo-gradient, the swarm's
 all-reduce, the outer Nesterov step, and the new θ back into every local rank's model. A failed
 round changes nothing. The same object owns the outer state's other ways in and out: adopting a
-downloaded state, the snapshot served to others, and checkpoints.
+downloaded state, the state served to others, checkpoints, and going back to a θ that trained.
+
+The outer state is spread over the local ranks (see ``outer_state``): the leader (rank 0) talks to
+the swarm and drives every change, the other ranks' values move through the pump.
 
 Overlap (``outer.overlap``). ``none``: the round blocks, as in DiLoCo. ``delayed``: the round of
 step s runs in the background while the inner steps of step s+1 compute, and its average is applied
@@ -21,21 +24,22 @@ reset when a downloaded state replaces ours.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from p2p_trainer.config import OuterConfig
 from p2p_trainer.contracts import RoundResult
-from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.inner import InnerLoop
+from p2p_trainer.outer_state import LiveState, OuterState
 from p2p_trainer.ranks import LocalRanks
-from p2p_trainer.swarm import SwarmPeer, TrainingState
+from p2p_trainer.swarm import StateFile, SwarmPeer
 from p2p_trainer.swarm.peer import PendingRound
+from p2p_trainer.swarm.state_format import FORMAT, MAX_LOCAL_HEADER, WINDOW
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class RoundReport:
     params_finite: bool = True
     error: str = ""  # why the round failed ("" with nothing to apply yet: the first overlapped one)
     advanced: bool = False  # the outer step moved on (always with overlap; with none only if applied)
+    eager: float = 0.0  # eager updates: the factor of our own look-ahead (see ``OuterState.to_model``)
 
 
 @dataclass
@@ -58,114 +63,147 @@ class _InFlight:
 
     step: int
     round: PendingRound
-    sent: torch.Tensor  # our part (pseudo-gradient + residual): the all-reduce reads it until it ends
-    delta: torch.Tensor  # our pseudo-gradient alone (eager updates use it)
     weight: float
 
 
+class _Part:
+    """Our part of a round, as the all-reduce reads it: window by window, from every rank."""
+
+    def __init__(self, state: OuterState) -> None:
+        self.state, self.numel = state, state.numel
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        return self.state.pump.read("part", lo, hi)
+
+
+class _Sent:
+    """Where the all-reduce puts what our part decodes to (error feedback), on every rank."""
+
+    def __init__(self, state: OuterState) -> None:
+        self.state = state
+
+    def write(self, lo: int, hi: int, values: torch.Tensor) -> None:
+        self.state.pump.write("sent", lo, hi, values)
+
+
 class OuterSync:
-    """``diloco`` and ``swarm`` exist on the leader only (None on the other ranks)."""
+    """``swarm`` exists on the leader only (None on the other ranks)."""
 
     def __init__(
         self,
         ranks: LocalRanks,
         inner: InnerLoop,
-        diloco: DiLoCo | None,
         swarm: SwarmPeer | None,
         cfg: OuterConfig | None = None,
         *,
         error_feedback: bool = False,
     ) -> None:
-        self.ranks, self.inner, self.diloco, self.swarm = ranks, inner, diloco, swarm
-        self.overlap = cfg.overlap if cfg is not None else "none"
-        self.outer_lr = cfg.lr if cfg is not None else 1.0
-        self.error_feedback = error_feedback
-        self.residual: torch.Tensor | None = None  # leader: what the codec has not sent yet (EF)
+        cfg = cfg or OuterConfig()
+        self.ranks, self.inner, self.swarm = ranks, inner, swarm
+        self.overlap, self.outer_lr, self.error_feedback = cfg.overlap, cfg.lr, error_feedback
+        self.state = OuterState(ranks, inner, cfg, error_feedback=error_feedback)
+        self.diloco = self.state.diloco  # this rank's share of θ and of the momentum
         self._in_flight: _InFlight | None = None
-        self._start: torch.Tensor | None = None  # leader: where the next inner phase starts
-        self._good: dict[str, Any] | None = None  # the last outer state that trained to a finite loss
+        self._good_step: int | None = None  # the outer step of the kept state that trained
         # the schedule position when θ was last committed (the one we serve and publish with it)
         self.committed_inner_step = inner.step_count
 
     @property
     def outer_step(self) -> int:
-        return self.ranks.on_leader(lambda: self.diloco.outer_step)
+        return self.diloco.outer_step  # moves on every rank in step
+
+    @property
+    def residual(self) -> torch.Tensor | None:
+        return self.state.residual
 
     def sync(self, outer_step: int, weight: float, *, last: bool = False) -> RoundReport:
         """Average this round's pseudo-gradient with the swarm (weighted by ``weight`` tokens) and take
         the outer step; on every rank. With overlap, start this round and apply the previous one
         (``last``: the run ends here, so start none whose average would never be applied)."""
-        local = self.inner.export_params()  # a collective under FSDP
         if self.overlap == "none":
-            report = self.ranks.on_leader(lambda: self._blocking(outer_step, local, weight))
+            report = self.ranks.on_leader(lambda: self._blocking(outer_step, weight))
         else:
-            report = self.ranks.on_leader(lambda: self._overlapped(outer_step, local, weight, last))
+            report = self.ranks.on_leader(lambda: self._overlapped(outer_step, weight, last))
         if report.advanced:
-            self.copy_to_model(self._start)
-            self._start = None
+            self.state.to_model(report.eager)
         return report
 
-    def _part(self, delta: torch.Tensor) -> torch.Tensor:
-        """What we contribute: the pseudo-gradient, plus what the codec has not sent yet (EF)."""
-        return delta + self.residual if self.error_feedback and self.residual is not None else delta
-
-    def _blocking(self, outer_step: int, local: torch.Tensor, weight: float) -> RoundReport:
-        delta = self.diloco.pseudo_gradient(local)
-        part = self._part(delta)
-        started = time.perf_counter()
-        result = self.swarm.all_reduce(
-            outer_step=outer_step, vector=part, weight=weight, keep_sent=self.error_feedback
+    def _all_reduce(self, outer_step: int, weight: float, *, background: bool):
+        call = self.swarm.start_all_reduce if background else self.swarm.all_reduce
+        return call(
+            outer_step=outer_step,
+            vector=_Part(self.state),
+            weight=weight,
+            sent=_Sent(self.state) if self.error_feedback else None,
+            keep_average=self.ranks.world == 1,  # with several ranks the average streams to them
         )
+
+    def _blocking(self, outer_step: int, weight: float) -> RoundReport:
+        started = time.perf_counter()
+        result = self._all_reduce(outer_step, weight, background=False)
         if result is None:  # our local progress carries into the next round: the residual stays as it was
             elapsed = time.perf_counter() - started
             return RoundReport(False, {"allreduce_s": elapsed}, error=self.swarm.last_error)
-        if self.error_feedback:
-            self.residual = part - result.sent
-        return self._apply(result)
+        return self._apply(result, ef="ef_blocking" if self.error_feedback else None)
 
-    def _apply(self, result: RoundResult) -> RoundReport:
-        self.diloco.apply(result.average)
-        self.committed_inner_step = self.inner.step_count
-        finite = bool(torch.isfinite(self.diloco.master).all())
-        return RoundReport(True, result.metrics(), self.diloco.committed_sha256, finite, advanced=True)
-
-    def _overlapped(self, outer_step: int, local: torch.Tensor, weight: float, last: bool) -> RoundReport:
-        delta = self.diloco.pseudo_gradient(local)
+    def _overlapped(self, outer_step: int, weight: float, last: bool) -> RoundReport:
+        state, pump = self.state, self.state.pump
         previous, self._in_flight = self._in_flight, None
         result = previous.round.result() if previous is not None else None  # had a whole phase to finish
         if previous is not None and self.error_feedback:  # a failed round's whole part carries over
-            self.residual = previous.sent - result.sent if result is not None else previous.sent
+            pump.call("ef_overlap", float(result is not None))
+        pump.call("snapshot", float(self.overlap == "eager"))  # this round's part: θ minus the model
         if not last:
-            part = self._part(delta)
-            if self.error_feedback:
-                self.residual = None  # it is in the part now; what is not sent comes back with the result
-            pending = self.swarm.start_all_reduce(
-                outer_step=outer_step, vector=part, weight=weight, keep_sent=self.error_feedback
-            )
-            self._in_flight = _InFlight(outer_step, pending, part, delta, weight)
+            pending = self._all_reduce(outer_step, weight, background=True)
+            self._in_flight = _InFlight(outer_step, pending, weight)
         if result is not None and previous.step == outer_step - 1:
             report = self._apply(result)
             if self.overlap == "eager":  # our fresh pseudo-gradient in place of our stale one
-                share = previous.weight / max(result.total_weight, 1e-30)
-                self._start = self.diloco.master - self.outer_lr * share * (delta - previous.delta)
-        else:
-            self.diloco.skip()
-            self.committed_inner_step = self.inner.step_count
-            why = self.swarm.last_error if previous is not None else ""
-            report = RoundReport(False, {}, self.diloco.committed_sha256, error=why, advanced=True)
-        return report
+                report.eager = self.outer_lr * previous.weight / max(result.total_weight, 1e-30)
+            return report
+        with state.lock:
+            pump.call("skip")
+            state.version += 1
+            if not self.diloco.committed_sha256:  # a fresh θ is that step's θ now
+                state.commit()
+        self.committed_inner_step = self.inner.step_count
+        why = self.swarm.last_error if previous is not None else ""
+        return RoundReport(False, {}, self.diloco.committed_sha256, error=why, advanced=True)
 
-    def copy_to_model(self, start: torch.Tensor | None = None) -> None:
-        """θ (the leader's master copy, or ``start`` near it) into the possibly sharded model of
-        every rank."""
-        if self.ranks.leader:
-            source = (start if start is not None else self.diloco.master).detach()
-        self.inner.import_params(source if self.ranks.leader else None)
+    def _apply(self, result: RoundResult, ef: str | None = None) -> RoundReport:
+        """Leader: the outer step with the round's average, window by window on every rank."""
+        state, pump = self.state, self.state.pump
+        with state.lock:
+            if ef is not None:
+                pump.call(ef)  # before θ moves: the residual is our part minus what it sent
+            for lo, hi, average in self._average_windows(result):
+                pump.write("apply", lo, hi, average)
+            pump.call("end_step")
+            state.version += 1
+            finite = state.commit()
+        self.committed_inner_step = self.inner.step_count
+        return RoundReport(True, result.metrics(), self.diloco.committed_sha256, finite, advanced=True)
+
+    def _average_windows(self, result: RoundResult) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if result.average is not None:
+            for lo in range(0, result.average.numel(), WINDOW):
+                yield lo, min(lo + WINDOW, result.average.numel()), result.average[lo : lo + WINDOW]
+        elif result.encoded is not None:
+            for lo, hi, payload in result.encoded:
+                yield lo, hi, self.swarm.decode(payload, hi - lo)
+        else:  # alone in the group: the average is our own part
+            part = _Part(self.state)
+            for lo in range(0, part.numel, WINDOW):
+                yield lo, min(lo + WINDOW, part.numel), part.read(lo, min(lo + WINDOW, part.numel))
+
+    def copy_to_model(self) -> None:
+        """θ into the possibly sharded model of every rank (each rank its own rows)."""
+        self.state.to_model()
 
     @property
     def committed_sha256(self) -> str:
         """The hash the leader publishes ("" on other ranks and before the first outer step)."""
-        return self.diloco.committed_sha256 if self.diloco is not None else ""
+        return self.diloco.committed_sha256 if self.ranks.leader else ""
 
     def commitments(self) -> dict[str, Any]:
         """Leader only: what our progress records say of our state (see ``SwarmPeer.publish_progress``)."""
@@ -176,99 +214,80 @@ class OuterSync:
         }
 
     # ---- the state others download, and a downloaded one ----
-    def snapshot(self, *, with_inner: bool) -> TrainingState:
-        """Leader only: a copy of the state as of now, for serving (training goes on meanwhile)."""
-        diloco = self.diloco.state_dict()  # copies
-        inner = copy.deepcopy(self.inner.optimizer.state_dict()) if with_inner else None
-        return TrainingState(
-            diloco["outer_step"],
-            self.diloco.committed_sha256,
-            diloco["master"],
-            diloco["momentum"],
-            self.committed_inner_step,
-            inner,
-        )
+    def source(self, *, with_inner: bool) -> LiveState:
+        """Leader only: the state as of our last outer step, for serving (read live, window by window)."""
+        return self.state.source(self.committed_inner_step, with_inner=with_inner)
 
-    def adopt(self, state: TrainingState | None) -> tuple[int, int]:
-        """On every rank (``state`` is the leader's; others pass None): θ, outer momentum and step,
-        the schedule position and, where it fits, the inner optimizer. (outer step, inner step)."""
-        if self.ranks.leader:
-            self.diloco.load_state_dict(
-                {"master": state.master, "momentum": state.momentum, "outer_step": state.outer_step}
-            )
-        self.copy_to_model()
-        if self.residual is not None:
+    def adopt(self, file: StateFile | None, *, with_inner: bool) -> tuple[int, int]:
+        """On every rank (``file`` is the leader's, verified; others pass None): θ, outer momentum
+        and step, the schedule position and, if sent, the inner moments. (outer step, inner step)."""
+        if self.state.residual is not None:
             logger.info(
                 "error feedback: the residual of our own θ does not apply to the downloaded one; reset"
             )
-            self.residual = None
-        outer_step, inner_step = self.ranks.share((state.outer_step, state.inner_step) if state else None)
-        self.inner.step_count = self.committed_inner_step = inner_step
-        if state is not None and state.inner_optimizer is not None and self.ranks.world == 1:
-            try:
-                self.inner.load_state_dict({"optimizer": self._inner_optimizer(state), "step": inner_step})
-            except (ValueError, KeyError, RuntimeError) as e:
-                logger.warning("the donor's inner optimizer state does not fit (%s): keeping ours", e)
-        return outer_step, inner_step
+        self._load(file, inner=with_inner, residual=False)
+        return self.outer_step, self.inner.step_count
 
-    def _inner_optimizer(self, state: TrainingState) -> dict[str, Any]:
-        """The donor's per-parameter AdamW moments, shaped like our parameters, under our own
-        hyperparameters (a donor does not get to set our learning rate)."""
-        ours = self.inner.optimizer.state_dict()
-        params = [p for group in self.inner.optimizer.param_groups for p in group["params"]]
-        moments = state.inner_optimizer["state"]
-        if set(moments) != set(range(len(params))):
-            raise ValueError(f"moments for {len(moments)} parameters, the model has {len(params)}")
-        shaped = {}
-        for i, param in enumerate(params):
-            exp_avg, exp_avg_sq = moments[i]["exp_avg"], moments[i]["exp_avg_sq"]
-            if exp_avg.numel() != param.numel():
-                raise ValueError(f"parameter {i} has {param.numel()} values, its moments {exp_avg.numel()}")
-            shaped[i] = {
-                "step": moments[i]["step"].reshape(()).float(),
-                "exp_avg": exp_avg.view(param.shape),
-                "exp_avg_sq": exp_avg_sq.view(param.shape),
-            }
-        return {"state": shaped, "param_groups": ours["param_groups"]}
+    def _load(self, file: StateFile | None, *, inner: bool, residual: bool) -> None:
+        """Every rank: the leader's ``file`` (verified: its hashes are known) becomes our state."""
+        path = self.ranks.share(str(file.path) if file is not None else None)
+        mine = file if self.ranks.leader else StateFile(path, self.state.numel, max_header=MAX_LOCAL_HEADER)
+        if self.ranks.leader:
+            self.state.lock.acquire()
+        try:
+            self.state.load(mine, inner=inner, residual=residual)
+            self.ranks.share(None)  # every rank has loaded before the leader lets readers in
+            if self.ranks.leader:
+                self.diloco.commit(file.hashes["master"], file.hashes.get("momentum"))
+        finally:
+            if self.ranks.leader:
+                self.state.lock.release()
+            else:
+                mine.close()
+        self.inner.step_count = self.committed_inner_step = self.ranks.share(mine.inner_step)
+        self.state.to_model()
 
     # ---- a θ that does not train ----
     def vouch(self) -> None:
-        """Leader: the current outer state trained to a finite loss; keep a copy to fall back to
-        (one more fp32 copy of θ and of the momentum)."""
-        if self.diloco is not None and (
-            self._good is None or self._good["outer_step"] != self.diloco.outer_step
-        ):
-            self._good = self.diloco.state_dict()
+        """Every rank: the current outer state trained to a finite loss; keep a copy to fall back to
+        (on disk: memory holds one copy of the outer state, not two)."""
+        if self._good_step != self.outer_step:
+            self.state.keep_good()
+            self._good_step = self.outer_step
 
     def roll_back(self) -> tuple[int, str]:
         """On every rank: back to the last outer state that trained; (its outer step, the hash of the
         θ given up, "" on other ranks)."""
         given_up = ""
-        if (
-            self.ranks.leader
-            and self._good is not None
-            and self._good["outer_step"] != self.diloco.outer_step
-        ):
-            given_up = self.diloco.committed_sha256
-            self.diloco.load_state_dict(self._good)
-        self.copy_to_model()
+        if self._good_step is not None and self._good_step != self.outer_step:
+            if self.ranks.leader:
+                given_up = self.diloco.committed_sha256
+                self.state.lock.acquire()
+            try:
+                self.state.back_to_good()
+                self.ranks.share(None)
+                if self.ranks.leader:
+                    self.state.commit()
+            finally:
+                if self.ranks.leader:
+                    self.state.lock.release()
+        self.state.to_model()
         self.inner.reset_optimizer()
         return self.outer_step, given_up
 
     # ---- checkpoints ----
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Leader only: the outer and inner state a checkpoint keeps."""
-        inner = self.inner.state_dict() if self.ranks.world == 1 else None
-        residual = None if self.residual is None else self.residual.clone()
-        return {"diloco": self.diloco.state_dict(), "inner": inner, "residual": residual}
+    def write_checkpoint(self, f: BinaryIO, extra: dict[str, str]) -> None:
+        """Leader only: the outer state, residual and inner moments, and ``extra`` metadata, as one
+        state file (the other ranks' values stream through the pump)."""
+        metadata = {
+            "format": FORMAT,
+            "outer_step": str(self.outer_step),
+            "inner_step": str(self.committed_inner_step),
+            "params_sha256": self.diloco.committed_sha256,
+            **{f"extra.{key}": value for key, value in extra.items()},
+        }
+        self.state.write_file(f, metadata, with_inner=True)
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """On every rank: continue from a checkpoint's state."""
-        if self.diloco is not None:
-            self.diloco.load_state_dict(saved["diloco"])
-        self.copy_to_model()
-        if saved.get("inner") is not None and self.ranks.world == 1:
-            self.inner.load_state_dict(saved["inner"])
-        self.committed_inner_step = self.inner.step_count
-        if self.ranks.leader and self.error_feedback and saved.get("residual") is not None:
-            self.residual = saved["residual"].clone()
+    def restore(self, file: StateFile | None) -> None:
+        """On every rank (``file``: the leader's checkpoint, verified): continue from it."""
+        self._load(file, inner=True, residual=True)

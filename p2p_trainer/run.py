@@ -21,7 +21,6 @@ from p2p_trainer.catch_up import CatchUp
 from p2p_trainer.config import Config, ConfigError
 from p2p_trainer.contracts import run_fingerprint
 from p2p_trainer.data import TokenStream, build_tokenizer, eval_batches, tokenizer_sha256
-from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.guard import FiniteGuard, Outcome
 from p2p_trainer.inner import InnerLoop, StepStats, init_distributed
 from p2p_trainer.metrics import MetricsWriter
@@ -30,6 +29,7 @@ from p2p_trainer.outer_sync import OuterSync, RoundReport
 from p2p_trainer.ranks import LocalRanks
 from p2p_trainer.swarm import SwarmPeer
 from p2p_trainer.swarm.records import round_is_late, round_should_close
+from p2p_trainer.swarm.state_format import StateFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,6 @@ class Trainer:
             world=ranks.world,
             device=ranks.device,
         )
-        initial = self.inner.export_params()
-        diloco = DiLoCo(initial, cfg.outer) if ranks.leader else None
         seed = ranks.share(peer_seed(self.swarm.peer_id) if self.swarm else None)
         self.data = TokenStream(cfg.data, tokenizer, cfg.model.seq_len, peer_seed=seed)
         self.eval_data = eval_batches(cfg.data, tokenizer, cfg.model.seq_len)
@@ -151,9 +149,7 @@ class Trainer:
         error_feedback = cfg.outer.error_feedback == "on" or (
             cfg.outer.error_feedback == "auto" and cfg.swarm.codec == "sparse"
         )
-        self.outer = OuterSync(
-            ranks, self.inner, diloco, self.swarm, cfg.outer, error_feedback=error_feedback
-        )
+        self.outer = OuterSync(ranks, self.inner, self.swarm, cfg.outer, error_feedback=error_feedback)
         self.catch_up = CatchUp(
             self.outer,
             self.swarm,
@@ -297,27 +293,38 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save(self, step: int) -> None:
-        state = {
-            "outer_step": step,
-            **self.outer.checkpoint_state(),
-            "data": self.data.state_dict(),
-            "config": self.cfg.to_dict(),
-            "fingerprint": self.fingerprint,
+        """Leader: a checkpoint of this outer step (the other ranks' values stream through the pump)."""
+        extra = {
+            "data": json.dumps(self.data.state_dict()),
+            "config": json.dumps(self.cfg.to_dict()),
+            "fingerprint": json.dumps(self.fingerprint),
         }
-        checkpoint.save_checkpoint(self.cfg.checkpoint.dir, step, state, keep=self.cfg.checkpoint.keep)
+        keep = self.cfg.checkpoint.keep
+        checkpoint.save_checkpoint(
+            self.cfg.checkpoint.dir, step, lambda f: self.outer.write_checkpoint(f, extra), keep=keep
+        )
 
     def _resume(self) -> None:
+        """On every rank: continue from the latest checkpoint, whatever number of ranks wrote it."""
         path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir)
         if path is None:
             logger.info("no checkpoint in %s: starting fresh", self.cfg.checkpoint.dir)
             return
-        state = checkpoint.load_checkpoint(path)
-        if state["fingerprint"] != self.fingerprint:
-            raise ConfigError(f"checkpoint {path} belongs to another run (its run fingerprint differs)")
-        self.outer.restore(state)
-        self.data.load_state_dict(state["data"])
-        self.catch_up.resumed_step = int(state["outer_step"])
-        logger.info("resumed from %s (outer step %d)", path, state["outer_step"])
+        try:
+            file = checkpoint.open_checkpoint(path, self.outer.state.numel)
+            if self.ranks.leader:
+                file.verify()  # every value finite; its hashes are what we publish
+        except StateFormatError as e:
+            raise ConfigError(f"checkpoint {path} is unreadable: {e}") from None
+        try:
+            if checkpoint.extra(file, "fingerprint") != json.loads(json.dumps(self.fingerprint)):
+                raise ConfigError(f"checkpoint {path} belongs to another run (its run fingerprint differs)")
+            self.outer.restore(file if self.ranks.leader else None)
+            self.data.load_state_dict(checkpoint.extra(file, "data"))
+        finally:
+            file.close()
+        self.catch_up.resumed_step = file.outer_step
+        logger.info("resumed from %s (outer step %d)", path, file.outer_step)
 
     def close(self) -> None:
         self.metrics.close()

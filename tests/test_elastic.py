@@ -284,7 +284,7 @@ def resumed(crashed):
     code = p0.wait(timeout=20)
     leave_s = time.monotonic() - sent
     left = _gone(children, 5)
-    checkpoint_step = max(int(p.stem.split("-")[1]) for p in (tmp / "ckpt0").glob("ckpt-*.pt"))
+    checkpoint_step = max(int(p.stem.split("-")[1]) for p in (tmp / "ckpt0").glob("ckpt-*.safetensors"))
     _wait("the swarm (p1 alone) to move ahead",
           lambda: _last_step(tmp, "p1") >= checkpoint_step + 3, 60, swarm.logs())  # fmt: skip
     swarm.start_trainer("p0b", "--checkpoint.dir", str(tmp / "ckpt0"), "--resume", via=swarm.address("p1"))

@@ -20,12 +20,18 @@ NUMEL = 50_001
 STEP = 3
 
 
-def _adam_state() -> dict:
-    model = torch.nn.Linear(4, 3)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    return opt.state_dict()
+def _moments(numel: int) -> dict:
+    """AdamW moments laid out like θ (see state_format), for two parameter tensors."""
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "inner.exp_avg": torch.randn(numel, generator=gen),
+        "inner.exp_avg_sq": torch.rand(numel, generator=gen),
+        "inner.step": torch.tensor([7.0, 7.0]),
+    }
+
+
+def _vector(file, name):
+    return file.read(name, 0, file.length(name))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def donor_swarm():
     gen = torch.Generator().manual_seed(0)
     master, momentum = torch.randn(NUMEL, generator=gen), torch.randn(NUMEL, generator=gen)
     sha = params_sha256(master)
-    honest = TrainingState(STEP, sha, master, momentum, inner_step=42, inner_optimizer=_adam_state())
+    honest = TrainingState(STEP, sha, master, momentum, inner_step=42, inner=_moments(NUMEL))
     for peer in (honest_a, honest_b):
         peer.publish_state(honest)
     tampered = master.clone()
@@ -65,10 +71,13 @@ def test_download_is_checked_against_the_swarm_hash_and_spreads_over_donors(dono
     for first, seed in firsts.items():
         got = joiner.download_state(numel=NUMEL, want_inner=True, rng=random.Random(seed))
         assert got is not None, first
-        assert torch.equal(got.state.master, honest.master)
-        assert torch.equal(got.state.momentum, honest.momentum)
+        assert torch.equal(_vector(got.state, "master"), honest.master)
+        assert torch.equal(_vector(got.state, "momentum"), honest.momentum)
         assert got.state.outer_step == STEP and got.state.inner_step == 42
-        assert got.state.inner_optimizer["state"][0]["exp_avg"].shape == (3, 4)
+        assert torch.equal(_vector(got.state, "inner.exp_avg_sq"), honest.inner["inner.exp_avg_sq"])
+        assert torch.equal(_vector(got.state, "inner.step"), torch.tensor([7.0, 7.0]))
+        got.state.discard()
+        assert not got.state.path.exists()
         assert got.donor in (honest_a.peer_id, honest_b.peer_id)
         used.add(got.donor)
         if first == liar.peer_id:  # refused on the swarm's word, not the donor's, then another donor
@@ -103,7 +112,8 @@ def test_a_download_is_checked_as_a_whole_momentum_and_schedule_included():
         for seed in range(40):
             got = joiner.download_state(numel=NUMEL, want_inner=False, rng=random.Random(seed))
             assert got is not None and got.donor == honest.peer_id
-            assert torch.equal(got.state.momentum, momentum) and got.state.inner_step == 40
+            assert torch.equal(_vector(got.state, "momentum"), momentum) and got.state.inner_step == 40
+            got.state.discard()
             seen |= {f.split(":")[0] for f in got.failures}
             if seen >= {momentum_liar.peer_id, schedule_liar.peer_id}:
                 break

@@ -9,7 +9,6 @@ import torch
 
 from p2p_trainer.catch_up import CatchUp
 from p2p_trainer.config import InnerConfig, ModelConfig, OuterConfig
-from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.guard import FiniteGuard, Outcome
 from p2p_trainer.inner import InnerLoop
 from p2p_trainer.metrics import MetricsWriter
@@ -27,9 +26,7 @@ def _parts():
     inner = InnerLoop(
         build_model(MODEL, 50, seed=0), InnerConfig(total_steps=100, warmup_steps=0, decay_steps=0), 4
     )
-    outer = OuterSync(
-        LocalRanks(0, 1, torch.device("cpu")), inner, DiLoCo(inner.export_params(), OuterConfig()), None
-    )
+    outer = OuterSync(LocalRanks(0, 1, torch.device("cpu")), inner, None, OuterConfig())
     catch_up = CatchUp(outer, None, MetricsWriter(None), with_inner=False, progress_bar=False)
     return inner, outer, catch_up, FiniteGuard(outer, catch_up)
 

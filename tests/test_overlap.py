@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from p2p_trainer.config import InnerConfig, ModelConfig, OuterConfig
-from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.inner import InnerLoop
 from p2p_trainer.model import build_model
 from p2p_trainer.outer_sync import OuterSync
@@ -35,8 +34,7 @@ def _outer(peer, overlap: str, error_feedback: bool = False) -> OuterSync:
     inner = InnerLoop(
         build_model(MODEL, 50, seed=0), InnerConfig(total_steps=100, warmup_steps=0, decay_steps=0), 4
     )
-    diloco = DiLoCo(inner.export_params(), OuterConfig())
-    return OuterSync(CPU, inner, diloco, peer, OuterConfig(overlap=overlap), error_feedback=error_feedback)
+    return OuterSync(CPU, inner, peer, OuterConfig(overlap=overlap), error_feedback=error_feedback)
 
 
 def _boundary(peers, outers, step, seed, *, last=False):

@@ -8,7 +8,8 @@ from p2p_trainer.swarm.node import Interrupted
 from p2p_trainer.swarm.observer import Observer
 from p2p_trainer.swarm.peer import SwarmPeer
 from p2p_trainer.swarm.records import ProgressRecord, swarm_outer_step
-from p2p_trainer.swarm.state import Download, TrainingState
+from p2p_trainer.swarm.state import Download, StateMoved, StateSource, TrainingState
+from p2p_trainer.swarm.state_format import StateFile
 
 __all__ = [
     "Download",
@@ -20,6 +21,9 @@ __all__ = [
     "ProgressRecord",
     "RoundFailed",
     "RoundResult",
+    "StateFile",
+    "StateMoved",
+    "StateSource",
     "SwarmError",
     "SwarmPeer",
     "TrainingState",

@@ -22,13 +22,13 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from hivemind.p2p import P2P, PeerID
 
 from p2p_trainer.codec import Codec, CodecError
-from p2p_trainer.contracts import RoundResult
+from p2p_trainer.contracts import RoundResult, TensorVector, VectorSink, VectorSource, Window
 from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.matchmaking import Group
@@ -58,12 +58,20 @@ class OutgoingPart:
 
     slice_index: int
     reducer: str
-    values: torch.Tensor  # the sender's slice of the vector (do not modify in place)
+    source: VectorSource  # the sender's slice of the vector, read chunk by chunk as it is sent
     weight: float
     delay_s: float = 0.0  # sleep this long before sending
     # (encoded chunk, its values) -> the bytes that go on the wire instead
     corrupt: Callable[[bytes, torch.Tensor], bytes] | None = None
     outer_step: int = 0  # the round it belongs to
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The whole slice at once (for a fault hook; sending reads it chunk by chunk)."""
+        return self.source.read(0, self.source.numel)
+
+    def with_values(self, values: torch.Tensor) -> OutgoingPart:
+        return replace(self, source=TensorVector(values))
 
 
 Fault = Callable[[OutgoingPart], OutgoingPart]
@@ -162,33 +170,43 @@ class AllReducer:
 
     # ---- member side ----
     async def run(
-        self, group: Group, vector: torch.Tensor, weight: float, *, keep_sent: bool = False
+        self,
+        group: Group,
+        vector: torch.Tensor | VectorSource,
+        weight: float,
+        *,
+        sent: VectorSink | None = None,
+        keep_average: bool = True,
     ) -> RoundResult:
-        """Average ``vector`` with the group; RoundFailed when a slice cannot be completed, or when
-        the commit phase shows that the members do not all hold the same average (see ``verify``).
-        ``keep_sent``: the result's ``sent`` is what our parts decode to (for error feedback)."""
+        """Average ``vector`` (read chunk by chunk) with the group; RoundFailed when a slice cannot be
+        completed, or when the commit phase shows that the members do not all hold the same average
+        (see ``verify``). ``sent``: where what our parts decode to goes (for error feedback).
+        ``keep_average``: decode the average into one tensor; else the result keeps the reducers'
+        encoded chunks (``encoded``), each checked to decode, for the caller to stream."""
         started = time.monotonic()
+        source = vector if not isinstance(vector, torch.Tensor) else TensorVector(vector)
         members = [m.peer_id for m in group.members]
         if len(group.members) == 1:
-            alone = RoundResult(
-                vector.clone(), 1, float(weight), 0, 0, 0.0, 0.0, [], {}, members, group.group_id
-            )
-            alone.sent = vector if keep_sent else None
-            return alone
+            whole = source.read(0, source.numel).clone() if keep_average or sent is not None else None
+            if sent is not None:
+                sent.write(0, source.numel, whole)
+            return RoundResult(
+                whole if keep_average else None, 1, float(weight), 0, 0, 0.0, 0.0, [], {}, members,
+                group.group_id,
+            )  # fmt: skip
         state = self._new_round(group)
         self.service.register(state)
-        average = torch.empty(group.numel, dtype=torch.float32)
-        sent = torch.empty(group.numel, dtype=torch.float32) if keep_sent else None
+        average = torch.empty(group.numel, dtype=torch.float32) if keep_average else None
         try:
             contributions = [
                 self._contribute(
                     state,
                     i,
                     reducer,
-                    vector[lo:hi],
+                    Window(source, lo, hi),
                     weight,
-                    average[lo:hi],
-                    None if sent is None else sent[lo:hi],
+                    None if average is None else average[lo:hi],
+                    None if sent is None else Window(sent, lo, hi),
                 )
                 for i, (reducer, (lo, hi)) in enumerate(zip(group.reducers, state.bounds, strict=True))
             ]
@@ -221,7 +239,7 @@ class AllReducer:
             members=members,
             group_id=group.group_id,
             clipped=clipped,
-            sent=sent,
+            encoded=None if keep_average else _encoded(state),
         )
 
     async def _commit(self, state: RoundState, failure: BaseException | None) -> None:
@@ -289,20 +307,20 @@ class AllReducer:
         state: RoundState,
         index: int,
         reducer: str,
-        values: torch.Tensor,
+        values: VectorSource,
         weight: float,
-        out: torch.Tensor,
-        sent: torch.Tensor | None = None,
+        out: torch.Tensor | None,
+        sent: VectorSink | None = None,
     ) -> SliceTrailer:
-        """Stream our part of slice ``index`` and decode the averaged slice into ``out`` (and what
-        our part decodes to into ``sent``, if given)."""
+        """Stream our part of slice ``index`` and decode the averaged slice into ``out`` (None: only
+        check that it decodes), and what our part decodes to into ``sent``, if given."""
         step = state.group.outer_step
         part = OutgoingPart(index, reducer, values, float(weight), outer_step=step)
         if self.fault is not None:
             part = self.fault(part)
         if part.delay_s > 0:
             await asyncio.sleep(part.delay_s)
-        payloads = _Payloads(self, part, chunk_bounds(values.numel(), state.group.chunk), sent)
+        payloads = _Payloads(self, part, chunk_bounds(values.numel, state.group.chunk), sent)
         if index in checked_slices(state.group.group_id, len(state.group.reducers), self.recheck):
             self._spawn(self._send_check(state, index, payloads))
         answer = SliceAnswer(server=reducer)
@@ -335,7 +353,7 @@ class AllReducer:
         return answer.trailer
 
     async def _reduce_here(
-        self, reduction: SliceReduction, payloads: _Payloads, out: torch.Tensor, answer: SliceAnswer
+        self, reduction: SliceReduction, payloads: _Payloads, out: torch.Tensor | None, answer: SliceAnswer
     ) -> None:
         """Our own part of a slice we reduce, without the network; its averaged chunks from
         ``len(answer.chunks)`` on (a takeover may already hold the lost reducer's first ones)."""
@@ -355,16 +373,27 @@ class AllReducer:
         )
 
     async def _decode_into(
-        self, reply: bytes | memoryview, bounds: tuple[int, int], out: torch.Tensor, answer: SliceAnswer
+        self,
+        reply: bytes | memoryview,
+        bounds: tuple[int, int],
+        out: torch.Tensor | None,
+        answer: SliceAnswer,
     ) -> None:
         lo, hi = bounds
         reply = bytes(reply)
+
+        def decode() -> bool:
+            values = self.codec.decode(reply, hi - lo)
+            if out is not None:
+                out[lo:hi].copy_(values)
+            return bool(torch.isfinite(values).all())
+
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: out[lo:hi].copy_(self.codec.decode(reply, hi - lo))
-            )
+            finite = await asyncio.get_running_loop().run_in_executor(None, decode)
         except CodecError as e:
             raise RoundFailed(f"a reducer sent a malformed average: {e}") from None
+        if not finite:
+            raise RoundFailed("a reducer sent an average with non-finite values")
         answer.chunks.append(reply)
 
     async def _send(
@@ -373,7 +402,7 @@ class AllReducer:
         reducer: str,
         part: OutgoingPart,
         payloads: _Payloads,
-        out: torch.Tensor,
+        out: torch.Tensor | None,
         answer: SliceAnswer,
         *,
         takeover: bool,
@@ -397,7 +426,7 @@ class AllReducer:
         state: RoundState,
         reducer: str,
         payloads: _Payloads,
-        out: torch.Tensor,
+        out: torch.Tensor | None,
         answer: SliceAnswer,
         takeover: bool,
     ) -> None:
@@ -466,7 +495,7 @@ class AllReducer:
             logger.info(f"round {state.group.outer_step}: copy of slice {index} for {verifier} failed: {e!r}")
 
     async def _take_over(
-        self, state: RoundState, index: int, part: OutgoingPart, payloads: _Payloads, out: torch.Tensor
+        self, state: RoundState, index: int, part: OutgoingPart, payloads: _Payloads, out: torch.Tensor | None
     ) -> SliceAnswer:
         """Our part of slice ``index``, whose reducer is gone, goes to the next live reducer instead."""
         step, lost = state.group.outer_step, state.group.reducers[index]
@@ -494,7 +523,12 @@ class AllReducer:
                 raise RoundFailed(f"round {step}: backup reducer of slice {index}: {e}") from None
 
     async def _reduce_takeover_here(
-        self, state: RoundState, index: int, payloads: _Payloads, out: torch.Tensor, answer: SliceAnswer
+        self,
+        state: RoundState,
+        index: int,
+        payloads: _Payloads,
+        out: torch.Tensor | None,
+        answer: SliceAnswer,
     ) -> None:
         """We are the backup of lost slice ``index``: what we hold of it, the rest reduced afresh."""
         mine = await asyncio.shield(state.answer(index))
@@ -509,6 +543,16 @@ class AllReducer:
             await self._reduce_here(state.takeover_reduction(index, len(known)), payloads, out, answer)
 
 
+def _encoded(state: RoundState) -> list[tuple[int, int, bytes]]:
+    """Every slice's averaged chunks as the reducers sent them, with their place in the vector."""
+    found = []
+    for index, (lo, hi) in enumerate(state.bounds):
+        chunks = state.final[index].chunks
+        for (a, b), payload in zip(chunk_bounds(hi - lo, state.group.chunk), chunks, strict=True):
+            found.append((lo + a, lo + b, bytes(payload)))
+    return found
+
+
 class _Payloads:
     """The encoded chunks of one outgoing part: encoded once (the next one while the current one is
     sent), kept for a takeover's resend, corrupted by the fault hook if there is one."""
@@ -518,7 +562,7 @@ class _Payloads:
         reducer: AllReducer,
         part: OutgoingPart,
         bounds: list[tuple[int, int]],
-        sent: torch.Tensor | None = None,
+        sent: VectorSink | None = None,
     ) -> None:
         self.codec, self.part, self.bounds = reducer.codec, part, bounds
         self.sent = sent  # where to decode what we send (for error feedback), if anywhere
@@ -530,7 +574,7 @@ class _Payloads:
             group_digest=group.digest,
             slice=index,
             weight=self.part.weight,
-            numel=self.part.values.numel(),
+            numel=self.part.source.numel,
             takeover=takeover,
         )
 
@@ -541,12 +585,12 @@ class _Payloads:
     def _encode(self, c: int) -> asyncio.Future[bytes]:
         while len(self._encoded) <= c:
             lo, hi = self.bounds[len(self._encoded)]
-            values = self.part.values[lo:hi]
 
-            def encode(values: torch.Tensor = values, lo: int = lo, hi: int = hi) -> bytes:
+            def encode(lo: int = lo, hi: int = hi) -> bytes:
+                values = self.part.source.read(lo, hi)  # off the event loop: it may ask other ranks
                 payload = self.codec.encode(values)
                 if self.sent is not None:
-                    self.sent[lo:hi].copy_(self.codec.decode(payload, hi - lo))
+                    self.sent.write(lo, hi, self.codec.decode(payload, hi - lo))
                 return self.part.corrupt(payload, values) if self.part.corrupt else payload
 
             self._encoded.append(asyncio.get_running_loop().run_in_executor(None, encode))

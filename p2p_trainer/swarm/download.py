@@ -13,25 +13,28 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from hivemind.p2p import P2P, PeerID
 
-from p2p_trainer.contracts import params_sha256
 from p2p_trainer.swarm import state_format, wire
-from p2p_trainer.swarm.messages import StateHeader, StateRefusal, StateRequest
+from p2p_trainer.swarm.messages import StateHeader, StateRefusal, StateRequest, StateTrailer
 from p2p_trainer.swarm.progress import ProgressBoard
 from p2p_trainer.swarm.records import Donors, donors
 from p2p_trainer.swarm.state import (
     CHUNK_BYTES,
     DonorFailed,
     Download,
-    TrainingState,
     handler_name,
 )
+from p2p_trainer.swarm.state_format import StateFile
 
 logger = logging.getLogger(__name__)
 
@@ -108,30 +111,34 @@ class Downloader:
 
     async def _fetch_verified(
         self, donor: str, wanted: Donors, holders: int, numel: int, want_inner: bool, show: Progress
-    ) -> tuple[TrainingState, int]:
+    ) -> tuple[StateFile, int]:
         """The donor's state, checked as a whole against what the swarm published for that step."""
         step = wanted.step
         state, nbytes = await fetch(
             self.p2p, self.run_id, donor, step, numel=numel, want_inner=want_inner, progress=show
         )
-        loop = asyncio.get_running_loop()
-        actual = await loop.run_in_executor(None, params_sha256, state.master)
-        if actual != wanted.params_sha256:
-            raise DonorFailed(
-                f"its θ hashes to {actual[:12]}, but {holders} live peer(s) published "
-                f"{wanted.params_sha256[:12]} for outer step {step}"
-            )
-        if wanted.state_sha256:
-            actual = await loop.run_in_executor(None, lambda: state.state_sha256)
-            if actual != wanted.state_sha256:
+        try:
+            try:
+                actual, state_sha256 = await asyncio.get_running_loop().run_in_executor(None, state.verify)
+            except state_format.StateFormatError as e:
+                raise DonorFailed(f"malformed state: {e}") from None
+            if actual != wanted.params_sha256:
+                raise DonorFailed(
+                    f"its θ hashes to {actual[:12]}, but {holders} live peer(s) published "
+                    f"{wanted.params_sha256[:12]} for outer step {step}"
+                )
+            if wanted.state_sha256 and state_sha256 != wanted.state_sha256:
                 raise DonorFailed(
                     "its outer momentum or step does not match the state hash the swarm published"
                 )
-        lo, hi = wanted.inner_steps
-        if not lo <= state.inner_step <= hi:
-            raise DonorFailed(
-                f"its schedule position {state.inner_step} is outside the published [{lo}, {hi}]"
-            )
+            lo, hi = wanted.inner_steps
+            if not lo <= state.inner_step <= hi:
+                raise DonorFailed(
+                    f"its schedule position {state.inner_step} is outside the published [{lo}, {hi}]"
+                )
+        except BaseException:
+            state.discard()
+            raise
         return state, nbytes
 
     async def _announce_joining(self, step: int) -> None:
@@ -174,20 +181,48 @@ async def fetch(
     numel: int,
     want_inner: bool,
     progress: Progress | None = None,
-) -> tuple[TrainingState, int]:
-    """Ask ``donor`` for its state of outer ``step``; (state, bytes received). Raises DonorFailed.
-    The size is checked before anything is allocated, the bytes against the donor's own hash
-    before they are parsed."""
+) -> tuple[StateFile, int]:
+    """Ask ``donor`` for its state of outer ``step``, into a temporary file (no process holds the
+    whole state in memory); (the file, bytes received). Raises DonorFailed. The announced size is
+    checked before anything is written, the bytes against the donor's own hash before they are
+    parsed; the file is deleted unless it is returned."""
     traffic = wire.Traffic()
-    limit = (
-        4 * numel * (4 if want_inner else 2) + state_format.MAX_HEADER + (1 << 20)
-    )  # θ, momentum (+ moments)
+    vectors = 4 if want_inner else 2  # θ, momentum (+ the two moments)
+    limit = 4 * (numel * vectors + state_format.MAX_PARAMS) + state_format.MAX_HEADER + (1 << 20)
     try:
         _, reader, writer = await p2p.call_binary_stream_handler(
             PeerID.from_base58(donor), handler_name(run_id)
         )
     except Exception as e:
         raise DonorFailed(f"unreachable ({e!r})") from None
+    fd, path = tempfile.mkstemp(prefix="p2p-trainer-state-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            header = await _receive(reader, writer, f, step, limit, want_inner, traffic, progress)
+        loop = asyncio.get_running_loop()
+        try:
+            state = await loop.run_in_executor(None, StateFile, path, numel)
+        except state_format.StateFormatError as e:
+            raise DonorFailed(f"malformed state: {e}") from None
+        if state.outer_step != step or state.params_sha256 != header.params_sha256:
+            state.close()
+            raise DonorFailed(f"its state is of outer step {state.outer_step}, not {step}")
+        return state, traffic.received
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
+async def _receive(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    f: BinaryIO,
+    step: int,
+    limit: int,
+    want_inner: bool,
+    traffic: wire.Traffic,
+    progress: Progress | None,
+) -> StateHeader:
     try:
         await wire.send_message(writer, StateRequest(step=step, inner=want_inner), traffic)
         header = await wire.recv_message(reader, (StateHeader, StateRefusal), traffic)
@@ -197,26 +232,21 @@ async def fetch(
             raise DonorFailed(f"announced {header.nbytes} bytes (at most {limit} expected)")
         if header.outer_step != step:
             raise DonorFailed(f"sent outer step {header.outer_step}, we asked for {step}")
-        blob, got = bytearray(header.nbytes), 0
+        got, digest = 0, hashlib.sha256()
         while got < header.nbytes:
             frame = await wire.recv_frame(reader, min(CHUNK_BYTES, header.nbytes - got), traffic)
             if not frame:
                 raise DonorFailed("sent an empty frame")
-            blob[got : got + len(frame)] = frame
+            digest.update(frame)
+            f.write(frame)
             got += len(frame)
             if progress is not None:
                 progress(got, header.nbytes)
+        trailer = await wire.recv_message(reader, (StateTrailer,), traffic)
     except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
         raise DonorFailed(f"the stream broke off ({e!r})") from None
     finally:
         await wire.close(writer)
-    loop = asyncio.get_running_loop()
-    if await loop.run_in_executor(None, lambda: hashlib.sha256(blob).hexdigest()) != header.blob_sha256:
-        raise DonorFailed("its bytes do not match the hash it announced")
-    try:
-        state = await loop.run_in_executor(None, TrainingState.from_bytes, blob, numel)
-    except state_format.StateFormatError as e:
-        raise DonorFailed(f"malformed state: {e}") from None
-    if state.outer_step != step or state.params_sha256 != header.params_sha256:
-        raise DonorFailed(f"its state is of outer step {state.outer_step}, not {step}")
-    return state, traffic.received
+    if digest.hexdigest() != trailer.blob_sha256:
+        raise DonorFailed("its bytes do not match the hash it sent with them")
+    return header

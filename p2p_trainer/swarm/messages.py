@@ -157,7 +157,10 @@ class StateHeader(Message):
     params_sha256: Hex
     nbytes: Annotated[int, Field(gt=0, le=1 << 42)]
     inner: bool
-    blob_sha256: Hex  # of the bytes that follow: the downloader checks it before parsing them
+
+
+class StateTrailer(Message):
+    blob_sha256: Hex  # of the bytes before it: the downloader checks it before using them
 
 
 class StateRefusal(Message):

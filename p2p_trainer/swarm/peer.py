@@ -17,7 +17,7 @@ import torch
 
 from p2p_trainer.codec import SparseParams, get_codec
 from p2p_trainer.config import SwarmConfig
-from p2p_trainer.contracts import RoundResult, fingerprint_sha256
+from p2p_trainer.contracts import RoundResult, VectorSink, VectorSource, fingerprint_sha256
 from p2p_trainer.swarm.allreduce import AllReducer, Fault
 from p2p_trainer.swarm.download import Downloader
 from p2p_trainer.swarm.errors import RoundFailed, SwarmError
@@ -26,7 +26,7 @@ from p2p_trainer.swarm.node import Interrupted
 from p2p_trainer.swarm.observer import Observer
 from p2p_trainer.swarm.records import ProgressRecord, Records, others
 from p2p_trainer.swarm.reducer import ReducerFault
-from p2p_trainer.swarm.state import Download, StateServer, TrainingState
+from p2p_trainer.swarm.state import Download, StateServer, StateSource
 from p2p_trainer.swarm.verify import Signer
 
 logger = logging.getLogger(__name__)
@@ -177,10 +177,14 @@ class SwarmPeer(Observer):
     def record_ttl(self) -> float:
         return self._board.ttl
 
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        """An averaged chunk of a round result's ``encoded`` list, as values."""
+        return self._allreducer.codec.decode(payload, numel)
+
     # ---- the state: serving it, downloading it ----
-    def publish_state(self, state: TrainingState) -> None:
-        """Serve ``state`` (taken at our last outer step, never modified later) to peers that join or
-        catch up. Cheap and non-blocking: serialization happens on first request, off this thread."""
+    def publish_state(self, state: StateSource) -> None:
+        """Serve ``state`` (as of our last outer step) to peers that join or catch up. Cheap and
+        non-blocking: it is read window by window when asked for, off this thread."""
         if self._state_server is not None and not self._closed:
             self._state_server.publish(state)
 
@@ -216,26 +220,41 @@ class SwarmPeer(Observer):
 
     # ---- the round ----
     def all_reduce(
-        self, *, outer_step: int, vector: torch.Tensor, weight: float, keep_sent: bool = False
+        self,
+        *,
+        outer_step: int,
+        vector: torch.Tensor | VectorSource,
+        weight: float,
+        sent: VectorSink | None = None,
+        keep_average: bool = True,
     ) -> RoundResult | None:
         """Average ``vector`` with this step's group, weighted by tokens. None when the round
         failed (no group, a reducer lost, ...): the caller keeps its parameters unchanged.
-        ``keep_sent``: the result's ``sent`` is what our parts decode to (for error feedback)."""
+        ``sent``: where what our parts decode to goes (for error feedback); ``keep_average``: the
+        result's ``average`` is one tensor, else its ``encoded`` chunks (see ``decode``)."""
         pending = self.start_all_reduce(
-            outer_step=outer_step, vector=vector, weight=weight, keep_sent=keep_sent
+            outer_step=outer_step, vector=vector, weight=weight, sent=sent, keep_average=keep_average
         )
         return pending.result()
 
     def start_all_reduce(
-        self, *, outer_step: int, vector: torch.Tensor, weight: float, keep_sent: bool = False
+        self,
+        *,
+        outer_step: int,
+        vector: torch.Tensor | VectorSource,
+        weight: float,
+        sent: VectorSink | None = None,
+        keep_average: bool = True,
     ) -> PendingRound:
         """Find this step's group (blocking), then average ``vector`` with it in the background
         while the caller goes on (an overlapped outer step); ``vector`` must stay unchanged until
-        the round's ``result()`` is in."""
-        if not (vector.dtype == torch.float32 and vector.dim() == 1 and vector.is_contiguous()):
-            raise TypeError("all_reduce needs a 1-D contiguous float32 tensor")
-        if vector.device.type != "cpu":
-            raise TypeError("all_reduce needs a CPU tensor")
+        the round's ``result()`` is in. A source that is not a tensor is read chunk by chunk, off
+        the caller's thread."""
+        if isinstance(vector, torch.Tensor):
+            if not (vector.dtype == torch.float32 and vector.dim() == 1 and vector.is_contiguous()):
+                raise TypeError("all_reduce needs a 1-D contiguous float32 tensor")
+            if vector.device.type != "cpu":
+                raise TypeError("all_reduce needs a CPU tensor")
         if not math.isfinite(weight):
             raise ValueError(f"all_reduce weight must be finite, got {weight!r}")
         self.last_error = ""
@@ -257,7 +276,7 @@ class SwarmPeer(Observer):
         try:
             logger.info(f"round {outer_step}: looking for a group")
             group = self._node.call(
-                self._publish_and_match(final, outer_step, float(weight), vector.numel()),
+                self._publish_and_match(final, outer_step, float(weight), _numel(vector)),
                 timeout=cfg.matchmaking_timeout + 30.0,
             )
         except Exception as e:
@@ -268,7 +287,7 @@ class SwarmPeer(Observer):
             logger.info(f"round {outer_step}: all-reduce in group {group.group_id} of {len(group.members)}")
         # a lost reducer costs up to two reply timeouts (its own, then its backup's)
         future = self._node.start(
-            self._allreducer.run(group, vector, float(weight), keep_sent=keep_sent),
+            self._allreducer.run(group, vector, float(weight), sent=sent, keep_average=keep_average),
             timeout=4 * cfg.allreduce_timeout + 30.0,
             grace=_LEAVE_GRACE_S,
         )
@@ -285,6 +304,10 @@ class SwarmPeer(Observer):
 
     def __enter__(self) -> SwarmPeer:
         return self
+
+
+def _numel(vector: torch.Tensor | VectorSource) -> int:
+    return vector.numel() if isinstance(vector, torch.Tensor) else vector.numel
 
 
 def _failure(outer_step: int, error: BaseException) -> tuple[str, str]:

@@ -108,20 +108,21 @@ class Attacker:
         return self.attacks[outer_step % len(self.attacks)]
 
     def __call__(self, part: OutgoingPart) -> OutgoingPart:
-        past = self._past.setdefault((part.slice_index, part.values.numel()), [])
-        past.append(part.values.clone())
+        values = part.values.clone()
+        past = self._past.setdefault((part.slice_index, values.numel()), [])
+        past.append(values)
         del past[:-6]
-        attack, values = self.attack(part.outer_step), part.values
+        attack = self.attack(part.outer_step)
         if attack == "huge":
-            return replace(part, values=values * 1e4)
+            return part.with_values(values * 1e4)
         if attack in ("sign_flip_x10", "weight_x1e6"):
-            return replace(part, values=values * (-10.0 if attack == "sign_flip_x10" else -1.0))
+            return part.with_values(values * (-10.0 if attack == "sign_flip_x10" else -1.0))
         if attack == "nan":
             return nan_values(part)
         if attack == "stale_5_rounds":
-            return replace(part, values=past[0] if len(past) < 6 else past[-6])
+            return part.with_values(past[0] if len(past) < 6 else past[-6])
         noise = torch.randn(values.shape, generator=torch.Generator().manual_seed(part.outer_step))
-        return replace(part, values=noise * (values.norm() / max(values.numel(), 1) ** 0.5))
+        return part.with_values(noise * (values.norm() / max(values.numel(), 1) ** 0.5))
 
     def weight_factor(self, outer_step: int) -> float:
         return 1e6 if self.attack(outer_step) == "weight_x1e6" else 1.0
@@ -135,6 +136,6 @@ class HostilePeer(SwarmPeer):
         self.attacker = attacker
         super().__init__(cfg, fingerprint, fault=attacker)
 
-    def all_reduce(self, *, outer_step: int, vector: torch.Tensor, weight: float):
+    def start_all_reduce(self, *, outer_step: int, weight: float, **kwargs):
         weight = weight * self.attacker.weight_factor(outer_step)
-        return super().all_reduce(outer_step=outer_step, vector=vector, weight=weight)
+        return super().start_all_reduce(outer_step=outer_step, weight=weight, **kwargs)
