@@ -128,6 +128,14 @@ class OuterSync:
             self.state.to_model(report.eager)
         return report
 
+    def close(self) -> None:
+        """On every rank, at the end: a round still in flight is waited for (a stop cancels it; it
+        reads through the pump), then the pump's threads end."""
+        if self.ranks.leader and self._in_flight is not None:
+            self._in_flight.round.result()
+            self._in_flight = None
+        self.state.close()
+
     def _all_reduce(self, outer_step: int, weight: float, *, background: bool):
         call = self.swarm.start_all_reduce if background else self.swarm.all_reduce
         return call(

@@ -5,6 +5,10 @@ and meets the others in the same collectives."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -13,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,3 +41,20 @@ class LocalRanks:
     def on_leader(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only; its result on every rank."""
         return self.share(fn() if self.leader else None)
+
+
+def follow_agent(on_gone: Callable[[], None], grace: float = 10.0, period: float = 1.0) -> None:
+    """Under torchrun: when the agent that started this rank is gone (killed, crashed), stop as on
+    SIGTERM (``on_gone``), and exit after ``grace`` seconds in any case: the other ranks may be gone
+    too, and a collective with them would wait for ever. (Rank 0's DHT process follows rank 0.)"""
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(period)
+        logger.warning("the torchrun agent (pid %d) is gone: stopping", agent)
+        on_gone()
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="agent-watch", daemon=True).start()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from hivemind.utils import get_dht_time
 from tqdm import tqdm
 
@@ -26,7 +27,7 @@ from p2p_trainer.inner import InnerLoop, StepStats, init_distributed
 from p2p_trainer.metrics import MetricsWriter
 from p2p_trainer.model import build_model
 from p2p_trainer.outer_sync import OuterSync, RoundReport
-from p2p_trainer.ranks import LocalRanks
+from p2p_trainer.ranks import LocalRanks, follow_agent
 from p2p_trainer.swarm import SwarmPeer
 from p2p_trainer.swarm.records import round_is_late, round_should_close
 from p2p_trainer.swarm.state_format import StateFormatError
@@ -63,6 +64,9 @@ class StopFlag:
         if self.event.is_set() or self.abort_now:
             raise KeyboardInterrupt  # the CLI exits 0; the swarm peer being built cleans up after itself
         logger.info("received signal %d: finishing cleanly", signum)
+        self.set()
+
+    def set(self) -> None:
         self.event.set()
         for callback in self._callbacks:
             callback()
@@ -133,6 +137,8 @@ class Trainer:
     def _build(self, cfg: Config, tokenizer, inner_factory: InnerFactory) -> None:
         """Everything but the swarm node (which must fork before CUDA starts)."""
         self.ranks = ranks = LocalRanks(*init_distributed())
+        if ranks.world > 1:
+            follow_agent(self.stop.set)
         model = build_model(cfg.model, len(tokenizer), seed=cfg.inner.seed, device=ranks.device)
         self.inner = inner_factory(
             model,
@@ -167,16 +173,16 @@ class Trainer:
         try:
             step = self.outer.outer_step
             # a late joiner (or a peer resuming behind the swarm) starts from the swarm's state
-            caught_up = self.catch_up.check(step) if not self.stop else None
+            caught_up = self.catch_up.check(step) if not self._stopping() else None
             catching_up = caught_up is not None
             step = caught_up if catching_up else step
             if self.ranks.leader:
                 self.catch_up.serve()
-            if self.cfg.log.eval_every and not self.stop:
+            if self.cfg.log.eval_every and not self._stopping():
                 self._log_eval(step)
-            while not self.stop and (self.max_outer_steps is None or step < self.max_outer_steps):
+            while not self._stopping() and (self.max_outer_steps is None or step < self.max_outer_steps):
                 stats = self._inner_round(step, catching_up, bar)
-                if self.stop:
+                if self._stopping():
                     break  # leaving: a round now would make the others wait for us in matchmaking
                 if stats.rolled_back is not None:  # θ did not train: we went back to one that did
                     step, catching_up = stats.rolled_back, False
@@ -194,10 +200,16 @@ class Trainer:
                 self._log_round(step, stats, report)
                 if report.advanced:
                     self._after_outer_step(step, stats)
+            self.outer.close()  # every rank is here: the pump's threads end
         finally:
             bar.close()
             self.close()
         return 0
+
+    def _stopping(self) -> bool:
+        """Whether to leave now: the leader's answer on every rank (each rank gets the signal at its
+        own moment; they must leave the loop at the same point)."""
+        return self.ranks.on_leader(lambda: bool(self.stop))
 
     def _inner_round(self, step: int, catching_up: bool, bar: tqdm) -> RoundStats:
         stats = RoundStats(started=time.perf_counter())
@@ -331,6 +343,8 @@ class Trainer:
         if self.swarm is not None:
             self.swarm.shutdown()
             self.swarm = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train(
