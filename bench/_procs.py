@@ -9,8 +9,14 @@ commands on stdin and answers one JSON object per line on stdout (logs go to std
     <- prepare CODEC ROUND                  publish progress / look for a group, then:
     -> {"ready": ROUND}                     (hivemind: group found, waiting for the trigger)
     <- go CODEC ROUND T                     at wall-clock time T (all peers share the clock), run it
-    -> {"round_s": ..., ...}
+    -> {"round_s": ..., "peak_extra_bytes": ..., ...}
     <- quit
+
+Memory: ``peak_extra_bytes`` is the most heap memory in use during the round (glibc ``mallinfo2``,
+every arena and mmapped block, so torch tensors and Python bytes alike, sampled every millisecond
+in a thread) above what was in use when it began, in the process that runs the round (ours: the
+peer; hivemind: its averager process, measured as peak RSS, ``VmHWM`` reset before the round, above
+the RSS at the start). The p2pd daemons are not counted, for either engine.
 
 Rounds start at one agreed time T, so ``round_s = max over peers (end - T)`` is the round's wall time.
 Ours is timed from ``all_reduce`` entry (its matchmaking included); stock hivemind's matchmaking is done
@@ -20,6 +26,7 @@ before T (``require_trigger``), so it is timed from the trigger: a comparison th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -31,7 +38,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ENGINE_CODECS = {"ours": ("int8", "fp32"), "hivemind": ("none", "fp16")}
+# ours: codec:aggregation (``clip`` is the default aggregation, ``mean`` the plain weighted mean)
+ENGINE_CODECS = {"ours": ("int8:clip", "int8:mean", "fp32:clip", "fp32:mean"), "hivemind": ("none", "fp16")}
 
 
 # ---------------------------------------------------------------- parent side
@@ -162,18 +170,77 @@ def _rel_err(result, exact) -> float:
     return float((result - exact).norm() / exact.norm())
 
 
+class _mallinfo2(ctypes.Structure):
+    _names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+              "keepcost")
+    _fields_ = [(name, ctypes.c_size_t) for name in _names]
+
+
+class HeapPeak:
+    """Peak bytes of heap in use above the level at ``__enter__``, sampled every ``every_s`` in a
+    thread (``mallinfo2`` takes the allocator's locks briefly and releases the GIL)."""
+
+    def __init__(self, every_s: float = 0.001):
+        self.every_s, self.peak = every_s, 0
+        try:
+            self._info = ctypes.CDLL("libc.so.6").mallinfo2
+            self._info.restype = _mallinfo2
+        except (OSError, AttributeError):  # not glibc >= 2.33: nothing to report
+            self._info = None
+
+    def _in_use(self) -> int:
+        m = self._info()
+        return m.uordblks + m.hblkhd
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, self._in_use() - self._base)
+
+    def __enter__(self) -> HeapPeak:
+        if self._info is not None:
+            self._base, self._stop = self._in_use(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._info is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._in_use() - self._base)
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_peak_start(pid: int) -> int:
+    """Reset ``pid``'s peak RSS (``clear_refs`` 5) and return its RSS now, in bytes."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return 1024 * _status_kb(pid, "VmRSS")
+
+
+def rss_peak_since(pid: int, start: int) -> int:
+    return 1024 * _status_kb(pid, "VmHWM") - start
+
+
 class _Ours:
     def __init__(self, args, initial: dict):
         from p2p_trainer.swarm import SwarmPeer
         from p2p_trainer.testing.swarm import local_config
 
         self.world, self.peers = args.world, {}
-        for codec in args.codecs:
-            cfg = local_config(f"{args.run_id}-{codec}", initial.get(codec, []), codec=codec,
+        for variant in args.codecs:  # codec:aggregation
+            codec, _, aggregation = variant.partition(":")
+            cfg = local_config(f"{args.run_id}-{codec}-{aggregation or 'clip'}", initial.get(variant, []),
+                               codec=codec, aggregation=aggregation or "clip",
                                host_maddrs=[f"/ip4/{args.host}/tcp/0"], target_group_size=args.world,
                                min_group_size=args.world, matchmaking_timeout=60.0,
                                allreduce_timeout=120.0, join_timeout=60.0)
-            self.peers[codec] = SwarmPeer(cfg, {"run": args.run_id})
+            self.peers[variant] = SwarmPeer(cfg, {"run": args.run_id})
 
     def maddrs(self) -> dict:
         return {c: p.visible_maddrs for c, p in self.peers.items()}
@@ -194,11 +261,15 @@ class _Ours:
             time.sleep(0.05)
 
     def go(self, codec: str, rnd: int, vector) -> tuple[dict, object]:
-        res = self.peers[codec].all_reduce(outer_step=rnd, vector=vector, weight=1.0)
+        cpu = time.process_time()
+        with HeapPeak() as heap:
+            res = self.peers[codec].all_reduce(outer_step=rnd, vector=vector, weight=1.0)
+        cpu = time.process_time() - cpu
         if res is None:
             raise RuntimeError(f"round {rnd} ({codec}) failed")
         return {"allreduce_s": res.allreduce_s, "wait_s": res.wait_s, "group_size": res.group_size,
-                "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received}, res.average
+                "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received,
+                "peak_extra_bytes": heap.peak, "cpu_s": cpu}, res.average
 
     def close(self) -> None:
         for p in self.peers.values():
@@ -250,12 +321,15 @@ class _Hivemind:
 
     def go(self, codec: str, rnd: int, vector) -> tuple[dict, object]:
         control = self.controls.pop(codec)
+        pid = self.averagers[codec].pid
+        start = rss_peak_start(pid)
         control.allow_allreduce()
         gathered = control.result(timeout=150)
         end = time.time()
+        peak = rss_peak_since(pid, start)
         with self.averagers[codec].get_tensors() as tensors:
             out = tensors[0].clone()
-        return {"group_size": len(gathered or {}), "_end": end}, out
+        return {"group_size": len(gathered or {}), "_end": end, "peak_extra_bytes": peak}, out
 
     def close(self) -> None:
         for avg in self.averagers.values():

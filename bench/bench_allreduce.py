@@ -1,15 +1,18 @@
-"""Loopback all-reduce, one process per peer: our ``SwarmPeer.all_reduce`` (int8, fp32) against stock
-hivemind 1.1.12 ``DecentralizedAverager`` (no compression, fp16), 2 and 4 peers, in one run.
+"""Loopback all-reduce, one process per peer: our ``SwarmPeer.all_reduce`` (int8, fp32; each with the
+default robust ``clip`` aggregation and the plain ``mean``) against stock hivemind 1.1.12
+``DecentralizedAverager`` (no compression, fp16), 2 and 4 peers, in one run.
 
     python -m bench.bench_allreduce [--numel 16777216] [--rounds 5] [--peers 2 4]
 
-For each group size both engines' peers are up at once (ours: one ``SwarmPeer`` per codec in each
-peer process; hivemind: one DHT and one averager per compression), and rounds of the four
-variants are interleaved, so a change in machine load hits them alike. Every round starts at one
+For each group size both engines' peers are up at once (ours: one ``SwarmPeer`` per codec and
+aggregation in each peer process; hivemind: one DHT and one averager per compression), and rounds
+of the six variants are interleaved, so a change in machine load hits them alike. Every round starts at one
 agreed wall-clock time on all peers; its time is the slowest peer's. Ours is timed from the
 ``all_reduce`` call, matchmaking included; hivemind's matchmaking is finished before the start
 (``require_trigger``), so its time is the all-reduce alone. One warm-up round per variant is not
-counted. See ``bench/_procs.py`` for the peer processes.
+counted. ``peak_extra_MB``: the median over rounds of the largest per-peer peak of memory in use
+during the round above its start (see ``bench/_procs.py``, which also runs the peer processes);
+``x_vector``: that over the vector's fp32 size.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from pathlib import Path
 
 from bench._procs import ENGINE_CODECS, loadavg, run_round, start_group, stop_all
 
-VARIANTS = [("hivemind", "none"), ("hivemind", "fp16"), ("ours", "int8"), ("ours", "fp32")]
+VARIANTS = [("hivemind", "none"), ("hivemind", "fp16"), ("ours", "int8:clip"), ("ours", "int8:mean"),
+            ("ours", "fp32:clip"), ("ours", "fp32:mean")]
 ANCHOR_NONE_S = {2: 0.74, 4: 2.15}  # anchors.md: stock hivemind, no compression, this kind of machine
+# issue 12: speedup over stock hivemind uncompressed (int8: 3x at 2 peers, 2x at 4; fp32: no slower)
+GOAL_SPEEDUP = {("int8", 2): 3.0, ("int8", 4): 2.0, ("fp32", 2): 1.0, ("fp32", 4): 1.0}
+GOAL_MEMORY_X = 2.0  # peak extra memory, times the vector's fp32 size
 
 
 def measure(world: int, numel: int, rounds: int, workdir: Path, hosts: list[str] | None = None,
@@ -48,9 +55,11 @@ def measure(world: int, numel: int, rounds: int, workdir: Path, hosts: list[str]
 
 def summarize(engine: str, codec: str, world: int, numel: int, answers: list[list[dict]]) -> dict:
     times = [max(a["round_s"] for a in rnd) for rnd in answers]
+    codec, _, aggregation = codec.partition(":")
     row = {
         "engine": "p2p-trainer" if engine == "ours" else "hivemind 1.1.12",
         "codec": codec,
+        "aggregation": aggregation or "mean (hivemind)",
         "peers": world,
         "MB_per_peer": round(numel * 4 / 1e6),
         "round_s_median": round(statistics.median(times), 3),
@@ -61,6 +70,9 @@ def summarize(engine: str, codec: str, world: int, numel: int, answers: list[lis
         reduce_only = [max(a["allreduce_s"] for a in r) for r in answers]
         row["allreduce_only_s"] = round(statistics.median(reduce_only), 3)
         row["MB_sent_per_peer"] = round(max(a["bytes_sent"] for a in answers[-1]) / 1e6, 1)
+    peaks = [max(a.get("peak_extra_bytes", 0) for a in r) for r in answers]
+    row["peak_extra_MB"] = round(statistics.median(peaks) / 1e6, 1)
+    row["x_vector"] = round(statistics.median(peaks) / (4 * numel), 2)
     rank0 = [a for r in answers for a in r if "rel_err" in a]
     row["rel_l2_err"] = f"{statistics.median(a['rel_err'] for a in rank0):.2e}" if rank0 else ""
     row["replicas_identical"] = all(len({a["sha"] for a in r}) == 1 for r in answers)
@@ -78,6 +90,10 @@ def run(numel: int = 1 << 24, rounds: int = 5, peers: tuple[int, ...] = (2, 4)) 
             base = next(r for r in block if r["codec"] == "none")["round_s_median"]
             for r in block:
                 r["speedup_vs_hivemind_none"] = round(base / r["round_s_median"], 2)
+                goal = GOAL_SPEEDUP.get((r["codec"], world)) if r["engine"] == "p2p-trainer" else None
+                if goal is not None:
+                    r["goal"] = f">= {goal:g}x, memory <= {GOAL_MEMORY_X:g}x"
+                    r["goal_met"] = base / r["round_s_median"] >= goal and r["x_vector"] <= GOAL_MEMORY_X
                 r["loadavg_before_after"] = f"{before} / {after}"
             block[0]["anchor_s"] = ANCHOR_NONE_S.get(world, "")
             rows += [{"bench": "allreduce", **r} for r in block]

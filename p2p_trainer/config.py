@@ -223,8 +223,26 @@ class SwarmConfig:
     allreduce_chunk: int = _f(
         1 << 20, "values per streamed chunk of the all-reduce (the leader's setting holds for its group)"
     )
-    matchmaking_timeout: float = _f(15.0, "seconds to wait for group partners at a round boundary")
-    allreduce_timeout: float = _f(30.0, "seconds before a silent group member is left out of the all-reduce")
+    matchmaking_timeout: float = _f(
+        15.0,
+        "most seconds a leader waits for group partners at a round boundary: the wait for late peers follows "
+        "recent rounds (see wait_for_slower) up to this; the wait for min_group_size is this",
+    )
+    allreduce_timeout: float = _f(
+        30.0,
+        "most seconds before a silent group member is left out of the all-reduce: the deadline follows "
+        "recent rounds (see wait_for_slower) up to this; a member waits for a reducer's answer up to this "
+        "plus max(5, this) before calling it gone",
+    )
+    wait_for_slower: float = _f(
+        2.0,
+        "deadlines follow the swarm: a peer up to this many times slower than the typical peer of recent "
+        "rounds (plus deadline_floor) is waited for, a slower or dead one is left out; >= 1 (3 waits for a "
+        "peer 3x slower; 2 lets a dead peer cost a round about twice the usual time)",
+    )
+    deadline_floor: float = _f(
+        2.0, "seconds of slack added to every deadline that follows the swarm: none is shorter than this"
+    )
     join_timeout: float = _f(60.0, "seconds to keep retrying unreachable initial peers (with backoff)")
     max_weight: float = _f(
         1e9, "largest token weight a peer may claim for one round; larger parts are rejected"
@@ -263,6 +281,10 @@ class SwarmConfig:
         timeouts = ("matchmaking_timeout", "allreduce_timeout", "join_timeout", "record_ttl", "state_timeout")
         for name in timeouts:
             _positive(f"swarm.{name}", getattr(self, name))
+        if not 0.0 < self.deadline_floor < float("inf"):
+            raise ConfigError(f"swarm.deadline_floor={self.deadline_floor!r} must be positive and finite")
+        if not 1.0 <= self.wait_for_slower <= 1e6:
+            raise ConfigError(f"swarm.wait_for_slower={self.wait_for_slower!r} must be in [1, 1e6]")
         if self.round_tokens < 0:
             raise ConfigError(f"swarm.round_tokens={self.round_tokens} must be >= 0")
         if self.aggregation not in ("clip", "mean"):

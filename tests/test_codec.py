@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import math
 import os
@@ -481,6 +482,43 @@ def test_int8_decode_accepts_bytes_like(int8: Int8Codec) -> None:
     assert torch.equal(int8.decode(memoryview(payload), x.numel()), expected)
     with pytest.raises(CodecError):
         int8.decode("not bytes", 3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "which", ["fp32", "int8-native", "int8-reference", "sparse-native", "sparse-reference"]
+)
+def test_decode_into_writes_the_decoded_values_into_a_slice_only(
+    build: native.BuildConfig, which: str
+) -> None:
+    name, _, backend = which.partition("-")
+    if backend == "native" and not HAVE_CC:
+        pytest.skip("no C compiler")
+    if name == "int8":
+        codec: Codec = Int8Codec(backend, build=build)
+    elif name == "sparse":
+        from p2p_trainer.codec.sparse import SparseCodec
+
+        codec = SparseCodec(backend, build=dataclasses.replace(build, source=native.SPARSE_SOURCE))
+    else:
+        codec = get_codec("fp32")
+    x = student_t(70_001, 3, seed=26)
+    payload = codec.encode(x)
+    buffer = torch.full((x.numel() + 20,), 7.0)
+    codec.decode_into(payload, buffer[10:-10])
+    assert torch.equal(buffer[10:-10], codec.decode(payload, x.numel()))  # the same bits as decode
+    assert torch.equal(buffer[:10], torch.full((10,), 7.0)) and torch.equal(buffer[-10:], buffer[:10])
+    codec.decode_into(bytearray(payload), buffer[10:-10])  # what a received frame is
+    before = buffer.clone()
+    # fp32: a NaN; the others: a bad magic
+    hostile = struct.pack("<f", math.nan) if name == "fp32" else payload[:3] + b"!"
+    for bad in (payload[:-1], hostile + payload[4:]):
+        with pytest.raises(CodecError):
+            codec.decode_into(bad, buffer[10:-10])
+        assert torch.equal(buffer, before)  # untouched by a malformed payload
+    with pytest.raises(CodecError):
+        codec.decode_into(payload, buffer[10:-11])  # the payload holds more values than out
+    with pytest.raises(TypeError, match="out must be a 1-D contiguous float32"):
+        codec.decode_into(payload, torch.zeros(x.numel(), dtype=torch.float64))
 
 
 # -- building, caching and falling back --------------------------------------------------------------

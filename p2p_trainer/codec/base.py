@@ -35,6 +35,12 @@ class Codec(Protocol):
         where the codec can avoid one."""
         ...
 
+    def decode_into(self, payload: bytes, out: torch.Tensor) -> None:
+        """``out[:] = decode(payload, out.numel())``, written straight into ``out`` (for instance a
+        slice of a kept buffer: a new tensor per call costs a page fault per 4 KiB); on CodecError
+        ``out`` is untouched."""
+        ...
+
 
 def check_input(x: torch.Tensor) -> None:
     """Refuse anything but a 1-D contiguous float32 CPU tensor of finite values."""

@@ -23,6 +23,10 @@ class Fp32Codec:
         out.numpy()[:] = values
         return out
 
+    def decode_into(self, payload: bytes, out: torch.Tensor) -> None:
+        check_out(out)
+        np.copyto(out.detach().numpy(), self._parse(payload, out.numel()))
+
     def decode_accumulate(self, payload: bytes, out: torch.Tensor, weight: float) -> None:
         check_out(out)
         w = check_weight(weight)

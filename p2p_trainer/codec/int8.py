@@ -178,6 +178,21 @@ class Int8Codec:
             raise fmt.native_error(rc, "p2pq_dequantize")
         return out
 
+    def decode_into(self, payload: bytes, out: torch.Tensor) -> None:
+        check_out(out)
+        parsed = fmt.parse(payload, out.numel())
+        kernels = self._native()
+        if kernels is None:
+            codes, codebooks = _reference_inputs(parsed)
+            out.detach().copy_(reference.dequantize(codes, codebooks, parsed.chunk_size))
+            return
+        payload = parsed.payload
+        rc = kernels.dequantize(
+            _address(payload), len(payload), out.data_ptr(), 4 * out.numel(), self._threads()
+        )
+        if rc != 0:
+            raise fmt.native_error(rc, "p2pq_dequantize")
+
     def decode_accumulate(self, payload: bytes, out: torch.Tensor, weight: float) -> None:
         check_out(out)
         w = _float32_weight(weight)

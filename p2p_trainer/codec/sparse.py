@@ -207,6 +207,15 @@ class SparseCodec:
         self._run_decode(kernels, parsed, out, 1.0, accumulate=False)
         return out
 
+    def decode_into(self, payload: bytes, out: torch.Tensor) -> None:
+        check_out(out)
+        parsed = fmt.parse(payload, out.numel())
+        kernels = self._native()
+        if kernels is None:
+            out.detach().copy_(reference.decode(parsed))
+            return
+        self._run_decode(kernels, parsed, out, 1.0, accumulate=False)
+
     def decode_accumulate(self, payload: bytes, out: torch.Tensor, weight: float) -> None:
         check_out(out)
         w = check_weight(weight)

@@ -18,6 +18,8 @@ table of their own (they can never push a running round out), and a reducer buff
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -29,7 +31,7 @@ from hivemind.p2p import P2P, PeerID
 
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.contracts import RoundResult, TensorVector, VectorSink, VectorSource, Window
-from p2p_trainer.swarm import wire
+from p2p_trainer.swarm import deadlines, wire
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.matchmaking import Group
 from p2p_trainer.swarm.messages import (
@@ -44,7 +46,14 @@ from p2p_trainer.swarm.messages import (
     T,
     parse,
 )
-from p2p_trainer.swarm.partition import SliceFailed, SliceReduction, chunk_bounds, part_weights, slice_bounds
+from p2p_trainer.swarm.partition import (
+    SliceFailed,
+    SliceReduction,
+    chunk_bounds,
+    empty_f32,
+    part_weights,
+    slice_bounds,
+)
 from p2p_trainer.swarm.reducer import ReducerService, expected_commits
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verdict, verifier_of
@@ -99,6 +108,8 @@ class AllReducer:
         ban: Callable[[str, str], None] | None = None,
         admitted: Callable[[str], bool] = lambda peer_id: True,
         fault: Fault | None = None,
+        wait_for_slower: float = 2.0,
+        deadline_floor: float = 2.0,
     ) -> None:
         self._p2p, self.peer_id, self.client_mode = p2p, peer_id, client_mode
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
@@ -106,6 +117,10 @@ class AllReducer:
         self._ban = ban or (lambda peer_id, why: None)
         self.fault = fault
         self.commit_timeout = min(timeout, 10.0)
+        # what recent rounds took, for each round's deadlines (see ``deadlines``); ``timeout``: the ceiling
+        policy = deadlines.Policy(deadline_floor, timeout, wait_for_slower)
+        self.part_delays = deadlines.Recent(policy)  # when the typical member's part reached our slice
+        self.answer_delays = deadlines.Recent(policy)  # when the last answer of our round came
         self.service = ReducerService(
             p2p,
             run_id,
@@ -125,6 +140,7 @@ class AllReducer:
         group: Group,
         bounds: list[tuple[int, int]],
         index: int,
+        timeout: float,
         *,
         takeover: bool = False,
         first_chunk: int = 0,
@@ -134,7 +150,7 @@ class AllReducer:
             index,
             bounds[index],
             codec=self.codec,
-            timeout=self.timeout,
+            timeout=timeout,
             max_weight=self.max_weight,
             aggregation_mode=self.aggregation,
             tau=self.tau,
@@ -154,19 +170,60 @@ class AllReducer:
     def _new_round(self, group: Group) -> RoundState:
         reducers = group.reducers
         bounds = slice_bounds(group.numel, len(reducers))
-        state = RoundState(
-            group,
-            bounds,
-            lambda i, first: self._reduction(group, bounds, i, takeover=True, first_chunk=first),
+        # a takeover waits up to the ceiling: members find a reducer gone at different times
+        takeover = functools.partial(self._reduction, group, bounds, timeout=self.timeout, takeover=True)
+        state = RoundState(group, bounds, lambda i, first: takeover(i, first_chunk=first))
+        part_deadline = self.part_delays.wait()
+        self.service.reply_timeout = deadlines.reply_timeout(self.answer_delays, reducers)
+        logger.info(
+            f"round {group.outer_step}: part deadline {part_deadline:.1f}s, reply timeout "
+            f"{self.service.reply_timeout:.1f}s (from {self.part_delays.rounds} and "
+            f"{self.answer_delays.rounds} recent rounds; allreduce_timeout={self.timeout:g}s is the ceiling)"
         )
         if self.peer_id in reducers:
-            state.reduction = self._reduction(group, bounds, reducers.index(self.peer_id))
+            state.reduction = self._reduction(group, bounds, reducers.index(self.peer_id), part_deadline)
+            self._learn_arrivals(state.reduction)
             state.pool = CommitPool(group, self.signer)
+        self._learn_answers(state)
         weights = part_weights(group, self.aggregation)
         for index in checked_slices(group.group_id, len(reducers), self.recheck):
             if verifier_of(group, index) == self.peer_id:
-                state.checks[index] = CheckBuffer(group, index, bounds[index], weights)
+                early = dict(codec=self.codec, mode=self.aggregation, tau=self.tau)  # see CheckBuffer
+                state.checks[index] = CheckBuffer(group, index, bounds[index], weights, **early)
         return state
+
+    def _learn_arrivals(self, reduction: SliceReduction) -> None:
+        """Once our slice is reduced, remember when its typical part came (a typical part that missed
+        the deadline came later than it: the deadline is what we learn then). Our own part never
+        travels, so it is not counted."""
+
+        def learn(_: asyncio.Future) -> None:
+            others = [m.peer_id for m in reduction.group.members if m.peer_id != self.peer_id]
+            delays = [reduction.arrived[p] for p in others if p in reduction.arrived]
+            typical = deadlines.typical_delay(delays, len(others)) if others else None
+            if typical is None and others and time.monotonic() >= reduction.deadline:
+                typical = reduction.timeout
+            if typical is not None:
+                self.part_delays.observe(typical, reduction.group.reducers)
+
+        reduction.trailer.add_done_callback(learn)
+
+    def _learn_answers(self, state: RoundState) -> None:
+        """Once every slice's exchange ended, remember when the last complete answer straight from a
+        slice's reducer came (ours included; takeovers and failures say nothing about a live reducer)."""
+        started, reducers = time.monotonic(), state.group.reducers
+        pending, came = set(range(len(reducers))), []
+
+        def settled(index: int, future: asyncio.Future[SliceAnswer]) -> None:
+            pending.discard(index)
+            answer = None if future.cancelled() else future.result()
+            if answer is not None and answer.complete and answer.server == reducers[index]:
+                came.append(time.monotonic() - started)
+            if not pending and came:
+                self.answer_delays.observe(max(came), reducers)
+
+        for index in range(len(reducers)):
+            state.answer(index).add_done_callback(functools.partial(settled, index))
 
     # ---- member side ----
     async def run(
@@ -196,7 +253,7 @@ class AllReducer:
             )  # fmt: skip
         state = self._new_round(group)
         self.service.register(state)
-        average = torch.empty(group.numel, dtype=torch.float32) if keep_average else None
+        average = empty_f32(group.numel) if keep_average else None
         try:
             contributions = [
                 self._contribute(
@@ -294,6 +351,7 @@ class AllReducer:
             reducer = state.group.reducers[index]
             if not answer.complete or answer.server != reducer:
                 continue  # taken over or failed: nothing to hold the reducer to
+            await asyncio.gather(*buffer.pending, return_exceptions=True)  # chunks recomputed early
             why = await asyncio.get_running_loop().run_in_executor(
                 None, buffer.mismatch, self.codec, self.aggregation, self.tau, answer.trailer, answer.chunks
             )
@@ -320,13 +378,15 @@ class AllReducer:
             part = self.fault(part)
         if part.delay_s > 0:
             await asyncio.sleep(part.delay_s)
-        payloads = _Payloads(self, part, chunk_bounds(values.numel, state.group.chunk), sent)
-        if index in checked_slices(state.group.group_id, len(state.group.reducers), self.recheck):
+        checked = index in checked_slices(state.group.group_id, len(state.group.reducers), self.recheck)
+        payloads = _Payloads(self, part, chunk_bounds(values.numel, state.group.chunk), 1 + checked, sent)
+        if checked:
             self._spawn(self._send_check(state, index, payloads))
         answer = SliceAnswer(server=reducer)
         try:
             if reducer == self.peer_id:
-                await self._reduce_here(state.reduction, payloads, out, answer)
+                replies = _Replies(self.codec, out, payloads, answer)
+                await self._reduce_here(state.reduction, payloads, replies)
             else:
                 await self._send(state, reducer, part, payloads, out, answer, takeover=False)
         except _ReducerLost as e:
@@ -352,11 +412,9 @@ class AllReducer:
         state.final[index] = answer
         return answer.trailer
 
-    async def _reduce_here(
-        self, reduction: SliceReduction, payloads: _Payloads, out: torch.Tensor | None, answer: SliceAnswer
-    ) -> None:
+    async def _reduce_here(self, reduction: SliceReduction, payloads: _Payloads, replies: _Replies) -> None:
         """Our own part of a slice we reduce, without the network; its averaged chunks from
-        ``len(answer.chunks)`` on (a takeover may already hold the lost reducer's first ones)."""
+        ``replies.held`` on (a takeover may already hold the lost reducer's first ones)."""
         bad = reduction.check(self.peer_id, payloads.header(reduction.group, reduction.index))
         if bad is None:
             reduction.start(self.peer_id)
@@ -364,37 +422,19 @@ class AllReducer:
                 reduction.submit(self.peer_id, c, payload)
         else:
             reduction.exclude(self.peer_id, bad)
-        for c in range(len(answer.chunks), len(reduction.chunks)):
-            reply = self.service.deliver(self.peer_id, c, await asyncio.shield(reduction.replies[c]))
-            await self._decode_into(reply, payloads.bounds[c], out, answer)
-        trailer = await asyncio.shield(reduction.trailer)
-        answer.trailer = self.service.sealed(
-            reduction, trailer, hashlib.sha256(b"".join(answer.chunks)).hexdigest()
-        )
-
-    async def _decode_into(
-        self,
-        reply: bytes | memoryview,
-        bounds: tuple[int, int],
-        out: torch.Tensor | None,
-        answer: SliceAnswer,
-    ) -> None:
-        lo, hi = bounds
-        reply = bytes(reply)
-
-        def decode() -> bool:
-            values = self.codec.decode(reply, hi - lo)
-            if out is not None:
-                out[lo:hi].copy_(values)
-            return bool(torch.isfinite(values).all())
-
+        # the reduction hashed its bytes as it encoded them: hash them again only when we hold a lost
+        # reducer's first chunks or a fault hook may change what we are handed
+        replies.hashing = replies.held > 0 or self.service.fault is not None
         try:
-            finite = await asyncio.get_running_loop().run_in_executor(None, decode)
-        except CodecError as e:
-            raise RoundFailed(f"a reducer sent a malformed average: {e}") from None
-        if not finite:
-            raise RoundFailed("a reducer sent an average with non-finite values")
-        answer.chunks.append(reply)
+            for c in range(replies.held, len(reduction.chunks)):
+                reply = await asyncio.shield(reduction.replies[c])
+                await replies.add(self.service.deliver(self.peer_id, c, reply))
+            sha256 = await replies.finish()
+        finally:
+            await replies.settle()
+        trailer = await asyncio.shield(reduction.trailer)
+        sha256 = sha256 if replies.hashing else reduction.sha256
+        replies.answer.trailer = self.service.sealed(reduction, trailer, sha256)
 
     async def _send(
         self,
@@ -434,12 +474,13 @@ class AllReducer:
             PeerID.from_base58(reducer), self.service.part_handler
         )
         sending = None
+        answer.chunks.clear()  # a takeover replaces whatever the lost reducer sent
+        replies = _Replies(self.codec, out, payloads, answer)
         try:
             header = payloads.header(state.group, payloads.part.slice_index, takeover=takeover)
             await wire.send_message(writer, header, state.traffic)
             sending = asyncio.ensure_future(self._send_chunks(writer, payloads, state.traffic))
-            answer.chunks.clear()  # a takeover replaces whatever the lost reducer sent
-            for c, bounds in enumerate(payloads.bounds):
+            for c in range(len(payloads.bounds)):
                 tag, body = await wire.recv_tagged(reader, payloads.max_reply(c), state.traffic)
                 if tag == wire.TAG_MESSAGE:
                     refusal = _parse_reply(body, ReduceRefusal)
@@ -447,12 +488,12 @@ class AllReducer:
                     raise RoundFailed(f"round {state.group.outer_step}: reducer {reducer}: {refusal.error}")
                 if tag != wire.TAG_CHUNK:
                     raise wire.FrameError(f"unknown frame tag {tag!r}")
-                await self._decode_into(body, bounds, out, answer)
+                await replies.add(body)
             tag, body = await wire.recv_tagged(reader, wire.MAX_HEADER_BYTES, state.traffic)
             if tag != wire.TAG_MESSAGE:
                 raise wire.FrameError("a chunk after the last one")
             trailer = _parse_reply(body, SliceTrailer)
-            sha256 = hashlib.sha256(b"".join(answer.chunks)).hexdigest()
+            sha256 = await replies.finish()
             index = payloads.part.slice_index
             bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, sha256)
             if bad:
@@ -464,6 +505,7 @@ class AllReducer:
         finally:
             if sending is not None and not sending.done():
                 sending.cancel()
+            await replies.settle()
             await wire.close(writer)
 
     async def _send_chunks(
@@ -535,12 +577,17 @@ class AllReducer:
         known, error = backup_plan(mine, index)
         if error:
             raise RoundFailed(f"round {state.group.outer_step}: backup reducer of slice {index}: {error}")
-        for c, reply in enumerate(known):
-            await self._decode_into(reply, payloads.bounds[c], out, answer)
+        replies = _Replies(self.codec, out, payloads, answer)
+        try:
+            for reply in known:
+                await replies.add(reply)
+            await replies.finish()
+        finally:
+            await replies.settle()
         if mine.complete:
             answer.trailer, answer.server = mine.trailer, mine.server
         else:
-            await self._reduce_here(state.takeover_reduction(index, len(known)), payloads, out, answer)
+            await self._reduce_here(state.takeover_reduction(index, len(known)), payloads, replies)
 
 
 def _encoded(state: RoundState) -> list[tuple[int, int, bytes]]:
@@ -554,19 +601,23 @@ def _encoded(state: RoundState) -> list[tuple[int, int, bytes]]:
 
 
 class _Payloads:
-    """The encoded chunks of one outgoing part: encoded once (the next one while the current one is
-    sent), kept for a takeover's resend, corrupted by the fault hook if there is one."""
+    """The encoded chunks of one outgoing part: each encoded once for the ``readers`` that stream
+    all of them (the send, a re-check copy), the next one while the current one goes out, and
+    dropped once every reader has it (a takeover's resend encodes it again: the same bytes);
+    corrupted by the fault hook if there is one."""
 
     def __init__(
         self,
         reducer: AllReducer,
         part: OutgoingPart,
         bounds: list[tuple[int, int]],
+        readers: int = 1,
         sent: VectorSink | None = None,
     ) -> None:
-        self.codec, self.part, self.bounds = reducer.codec, part, bounds
+        self.codec, self.part, self.bounds, self.readers = reducer.codec, part, bounds, readers
         self.sent = sent  # where to decode what we send (for error feedback), if anywhere
-        self._encoded: list[asyncio.Future[bytes]] = []
+        self._encoded: dict[int, asyncio.Future[bytes]] = {}
+        self._taken = [0] * len(bounds)
 
     def header(self, group: Group, index: int, *, takeover: bool = False) -> PartHeader:
         return PartHeader(
@@ -583,17 +634,17 @@ class _Payloads:
         return 8 * (hi - lo) + (1 << 16)
 
     def _encode(self, c: int) -> asyncio.Future[bytes]:
-        while len(self._encoded) <= c:
-            lo, hi = self.bounds[len(self._encoded)]
+        if c not in self._encoded:
+            lo, hi = self.bounds[c]
 
-            def encode(lo: int = lo, hi: int = hi) -> bytes:
+            def encode() -> bytes:
                 values = self.part.source.read(lo, hi)  # off the event loop: it may ask other ranks
                 payload = self.codec.encode(values)
                 if self.sent is not None:
                     self.sent.write(lo, hi, self.codec.decode(payload, hi - lo))
                 return self.part.corrupt(payload, values) if self.part.corrupt else payload
 
-            self._encoded.append(asyncio.get_running_loop().run_in_executor(None, encode))
+            self._encoded[c] = asyncio.get_running_loop().run_in_executor(None, encode)
         return self._encoded[c]
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, bytes]]:
@@ -601,7 +652,73 @@ class _Payloads:
             payload = await self._encode(c)
             if c + 1 < len(self.bounds):
                 self._encode(c + 1)  # encode the next chunk while this one goes out
+            self._taken[c] += 1
+            if self._taken[c] >= self.readers:
+                self._encoded.pop(c, None)
             yield c, payload
+
+
+class _Replies:
+    """The averaged chunks of one slice as they come: kept in ``answer.chunks`` (a takeover hands
+    them out, a re-check compares them), hashed in order for the seal, and decoded straight into
+    the output, in an executor thread while the next chunk is being received."""
+
+    def __init__(
+        self, codec: Codec, out: torch.Tensor | None, payloads: _Payloads, answer: SliceAnswer
+    ) -> None:
+        # ``out`` None: the caller streams the encoded chunks later; each is only checked here
+        self.codec, self.out, self.bounds, self.answer = codec, out, payloads.bounds, answer
+        self._check = (
+            torch.empty(0)
+            if out is not None
+            else empty_f32(max((hi - lo for lo, hi in self.bounds), default=0))
+        )
+        self._hash = hashlib.sha256()
+        for chunk in answer.chunks:
+            self._hash.update(chunk)
+        self.hashing = True
+        self._decoding: asyncio.Future[None] | None = None
+
+    @property
+    def held(self) -> int:
+        return len(self.answer.chunks)
+
+    async def add(self, reply: bytes | memoryview) -> None:
+        """The next averaged chunk; RoundFailed when the one before it does not decode."""
+        await self._wait()
+        lo, hi = self.bounds[len(self.answer.chunks)]
+        self.answer.chunks.append(reply)
+        self._decoding = asyncio.get_running_loop().run_in_executor(None, self._decode, reply, lo, hi)
+
+    def _decode(self, reply: bytes | memoryview, lo: int, hi: int) -> None:
+        if self.hashing:
+            self._hash.update(reply)  # here, in order: one decode runs at a time
+        if self.out is not None:
+            self.codec.decode_into(reply, self.out[lo:hi])
+            return
+        values = self._check[: hi - lo]
+        self.codec.decode_into(reply, values)
+        if not bool(torch.isfinite(values).all()):
+            raise RoundFailed("a reducer sent an average with non-finite values")
+
+    async def finish(self) -> str:
+        """The hash of every chunk held, once all are decoded."""
+        await self._wait()
+        return self._hash.hexdigest()
+
+    async def settle(self) -> None:
+        """Wait for a decode still running (on the way out of a failed exchange: a takeover may
+        write the same part of the output next)."""
+        with contextlib.suppress(Exception):
+            await self._wait()
+
+    async def _wait(self) -> None:
+        decoding, self._decoding = self._decoding, None
+        if decoding is not None:
+            try:
+                await asyncio.shield(decoding)
+            except CodecError as e:
+                raise RoundFailed(f"a reducer sent a malformed average: {e}") from None
 
 
 def _parse_reply(body: memoryview, model: type[T]) -> T:

@@ -3,9 +3,12 @@
 The leader of outer step ``s`` is the full (non-client) peer with the smallest peer id among the
 live progress records at step ``s`` (and ourselves). Members send it a join request over a stream
 they open; it waits until every live peer at step ``s`` has joined (or the group reached
-``target_group_size``, or ``matchmaking_timeout`` passed), freezes the group and sends every member
-the same list. A leader that learns of a smaller full peer redirects its joiners there; redirects
-only ever go to smaller ids, so they cannot loop.
+``target_group_size``, or the stragglers' deadline passed), freezes the group and sends every member
+the same list. The stragglers' deadline follows the swarm (see ``deadlines``): a little longer than
+the last joiners of recent lobbies took, never longer than ``matchmaking_timeout``, which alone
+bounds the wait for ``min_group_size`` and for the swarm to reach the step. A leader that learns of a
+smaller full peer redirects its joiners there; redirects only ever go to smaller ids, so they cannot
+loop.
 
 Joiners are untrusted. A leader leads only a step it is at itself, admits only peers whose live,
 signed progress record says they are at that step and in that mode, keeps one lobby per (step,
@@ -31,7 +34,7 @@ from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 
-from p2p_trainer.swarm import messages, wire
+from p2p_trainer.swarm import deadlines, messages, wire
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.messages import GroupInfo, JoinReply, JoinRequest, MemberInfo, ProtocolError
 from p2p_trainer.swarm.progress import ProgressBoard
@@ -112,11 +115,13 @@ def check_weight(weight: Any, max_weight: float) -> str | None:
 class _Lobby:
     """The leader's state for one (outer step, vector size)."""
 
-    def __init__(self, step: int, numel: int, timeout: float) -> None:
+    def __init__(self, step: int, numel: int, timeout: float, wait: float) -> None:
         self.step, self.numel = step, numel
         self.opened = time.monotonic()
-        self.deadline = self.opened + timeout
+        self.deadline = self.opened + min(wait, timeout)  # then we stop waiting for stragglers
+        self.ceiling = self.opened + timeout  # then a lobby that cannot form a group gives up
         self.joined: dict[str, Member] = {}
+        self.joined_after: dict[str, float] = {}  # seconds after the lobby opened
         self.skipped: set[str] = set()
         self.changed = asyncio.Event()
         self.outcome: asyncio.Future[JoinReply] = asyncio.get_running_loop().create_future()
@@ -139,8 +144,12 @@ class Matchmaker:
         max_weight: float,
         chunk: int,
         admitted: Callable[[str], bool] = lambda peer_id: True,
+        wait_for_slower: float = 2.0,
+        deadline_floor: float = 2.0,
     ) -> None:
         self._p2p, self._board, self._admitted = p2p, board, admitted
+        # how long after a lobby opened its last member joined, in recent lobbies we led
+        self.join_delays = deadlines.Recent(deadlines.Policy(deadline_floor, timeout, wait_for_slower))
         self._handler = f"p2p_trainer.{run_id}.join"
         self.peer_id, self.client_mode, self.fingerprint = peer_id, client_mode, fingerprint_sha256
         self.timeout, self.max_weight, self.chunk = timeout, max_weight, chunk
@@ -356,6 +365,7 @@ class Matchmaker:
         if len(lobby.joined) >= messages.MAX_MEMBERS:
             return JoinReply(error="the group is full")
         lobby.joined[member.peer_id] = member
+        lobby.joined_after.setdefault(member.peer_id, time.monotonic() - lobby.opened)
         lobby.skipped |= skipped
         lobby.changed.set()
         return self._late_reply(lobby, member, await asyncio.shield(lobby.outcome))
@@ -373,6 +383,9 @@ class Matchmaker:
         outcome = outcome or lobby.outcome.result()
         if outcome.group is not None and lobby.joined.get(member.peer_id) != member:
             late = time.monotonic() - lobby.frozen_at
+            if member.peer_id not in lobby.joined_after:  # alive, only slow: the next lobby waits for it
+                lobby.joined_after[member.peer_id] = time.monotonic() - lobby.opened
+                self.join_delays.observe(lobby.joined_after[member.peer_id])
             return JoinReply(
                 error=f"the group for outer step {lobby.step} was formed {late:.1f}s before this peer asked"
             )
@@ -384,7 +397,7 @@ class Matchmaker:
                 del self._lobbies[key]
         while len(self._lobbies) >= _MAX_LOBBIES:  # vector sizes nobody else uses: keep the newest
             del self._lobbies[next(iter(self._lobbies))]
-        lobby = self._lobbies[(step, numel)] = _Lobby(step, numel, self.timeout)
+        lobby = self._lobbies[(step, numel)] = _Lobby(step, numel, self.timeout, self.join_delays.wait())
         task = asyncio.create_task(self._run_lobby(lobby))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -411,12 +424,12 @@ class Matchmaker:
                     return self._freeze(lobby, "every live peer at this step joined")
                 if len(lobby.joined) >= self.target_group_size and arrived:
                     return self._freeze(lobby, f"target_group_size={self.target_group_size} reached")
-                if time.monotonic() >= lobby.deadline:
-                    why = f"matchmaking_timeout={self.timeout:g}s passed; " + _absentees(
-                        records, step, missing
-                    )
-                    if enough and arrived:
-                        return self._freeze(lobby, why)
+                now = time.monotonic()
+                if now >= lobby.deadline and enough and arrived:
+                    return self._freeze(lobby, self._waited(lobby) + _absentees(records, step, missing))
+                if now >= lobby.ceiling:
+                    why = f"matchmaking_timeout={self.timeout:g}s passed; "
+                    why += _absentees(records, step, missing)
                     if enough:
                         msg = f"the swarm is still at outer step {swarm_step}: no group for step {step} yet"
                     else:
@@ -426,16 +439,23 @@ class Matchmaker:
                     lobby.outcome.set_result(JoinReply(error=f"{msg} ({why})"[:500]))
                     return
                 lobby.changed.clear()
+                until = lobby.deadline if now < lobby.deadline else lobby.ceiling
                 try:
-                    await asyncio.wait_for(
-                        lobby.changed.wait(), min(_POLL_S, max(lobby.deadline - time.monotonic(), 0))
-                    )
+                    await asyncio.wait_for(lobby.changed.wait(), min(_POLL_S, max(until - now, 0)))
                 except asyncio.TimeoutError:
                     pass
         except Exception as e:
             if not lobby.outcome.done():
                 lobby.outcome.set_result(JoinReply(error=f"the leader failed: {e!r}"[:500]))
             raise
+
+    def _waited(self, lobby: _Lobby) -> str:
+        """Why we stopped waiting for the missing peers."""
+        if lobby.deadline >= lobby.ceiling:
+            return f"matchmaking_timeout={self.timeout:g}s passed; "
+        wait = lobby.deadline - lobby.opened
+        ceiling = f"matchmaking_timeout={self.timeout:g}s"
+        return f"waited {wait:.1f}s, as recent lobbies call for ({ceiling} at most); "
 
     def _freeze(self, lobby: _Lobby, why: str) -> None:
         order = sorted(lobby.joined.values(), key=lambda m: (m.client_mode, m.peer_id))
@@ -444,6 +464,7 @@ class Matchmaker:
             return
         group = Group(secrets.token_hex(8), lobby.step, lobby.numel, self.chunk, tuple(order))
         lobby.frozen_at = time.monotonic()
+        self.join_delays.observe(max(lobby.joined_after.values(), default=0.0))
         logger.info(
             f"round {lobby.step}: group {group.group_id} of {len(order)} formed after "
             f"{lobby.frozen_at - lobby.opened:.2f}s ({why})"

@@ -92,6 +92,8 @@ class SwarmPeer(Observer):
             max_weight=cfg.max_weight,
             chunk=cfg.allreduce_chunk,
             admitted=self.admitted,
+            wait_for_slower=cfg.wait_for_slower,
+            deadline_floor=cfg.deadline_floor,
         )
         self._allreducer = AllReducer(
             p2p,
@@ -108,6 +110,8 @@ class SwarmPeer(Observer):
             ban=self._matchmaker.ban,
             admitted=self.admitted,
             fault=fault,
+            wait_for_slower=cfg.wait_for_slower,
+            deadline_floor=cfg.deadline_floor,
         )
         self._downloader = Downloader(p2p, self._board, cfg.run_id, self.peer_id, cfg.state_timeout)
         await self._matchmaker.start()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from hivemind.p2p import P2P
 
-from p2p_trainer.swarm import wire
+from p2p_trainer.swarm import deadlines, wire
 from p2p_trainer.swarm.messages import CommitPost, PartHeader, ReduceRefusal, SliceTrailer, dump
 from p2p_trainer.swarm.partition import SliceFailed, SliceReduction
 from p2p_trainer.swarm.takeover import RoundState, backup_plan
@@ -51,6 +51,9 @@ class ReducerService:
         admitted: Callable[[str], bool] = lambda peer_id: True,
     ) -> None:
         self._p2p, self.timeout, self.commit_timeout, self._seal = p2p, timeout, commit_timeout, seal
+        # how long a member waits for a reducer's answer before calling it gone: set for each round from
+        # what recent rounds took (``deadlines.reply_timeout``), never above this ceiling
+        self.reply_timeout = deadlines.reply_ceiling(timeout)
         self._admitted = admitted
         self.fault: ReducerFault | None = None
         self.part_handler, self.commit_handler = f"p2p_trainer.{run_id}.part", f"p2p_trainer.{run_id}.commit"
@@ -64,10 +67,6 @@ class ReducerService:
         self.peer_id = peer_id
         await self._p2p.add_binary_stream_handler(self.part_handler, self._guarded(self._handle_part))
         await self._p2p.add_binary_stream_handler(self.commit_handler, self._guarded(self._handle_commit))
-
-    @property
-    def reply_timeout(self) -> float:
-        return self.timeout + max(5.0, self.timeout)  # the reducer's wait, plus time to compute and send
 
     # ---- the rounds' table ----
     def register(self, state: RoundState) -> None:
@@ -194,16 +193,20 @@ class ReducerService:
             return await self._refuse(writer, bad, traffic)
         reduction.start(sender)
         receiving = asyncio.ensure_future(self._receive_chunks(reduction, sender, reader, traffic))
-        sent = hashlib.sha256()
+        # what we send is the reduction's own bytes, whose hash it keeps, unless we hand out a lost
+        # reducer's chunks or a fault hook changes them: only then hash it here
+        sent = hashlib.sha256() if known or self.fault is not None else None
         try:
             for c in range(len(reduction.chunks)):
                 reply = known[c] if c < len(known) else await asyncio.shield(reduction.replies[c])
                 reply = self.deliver(sender, c, reply)
-                sent.update(reply)
+                if sent is not None:
+                    sent.update(reply)
                 await wire.send_tagged(writer, wire.TAG_CHUNK, reply, traffic)
             trailer = known_trailer or await asyncio.shield(reduction.trailer)
             # a lost reducer's trailer is its seal, not ours: we vouch for what we hand out
-            trailer = self.sealed(reduction, trailer, sent.hexdigest(), ours=known_trailer is not None)
+            sha256 = sent.hexdigest() if sent is not None else reduction.sha256
+            trailer = self.sealed(reduction, trailer, sha256, ours=known_trailer is not None)
             await wire.send_tagged(writer, wire.TAG_MESSAGE, dump(trailer), traffic)
         except SliceFailed as e:
             await self._refuse(writer, str(e), traffic)
@@ -241,7 +244,7 @@ class ReducerService:
                 )
                 reduction.submit(sender, c, payload)
         except asyncio.TimeoutError:
-            reduction.exclude(sender, f"its part did not arrive within allreduce_timeout={self.timeout:g}s")
+            reduction.exclude(sender, f"its part missed the part deadline ({reduction.timeout:.1f}s)")
             with contextlib.suppress(Exception):  # keep reading (and dropping) what is still coming
                 while True:
                     await wire.recv_frame(reader, 1 << 28, traffic)

@@ -178,12 +178,30 @@ def verdict(
 
 
 class CheckBuffer:
-    """A verifier's copy of every member's part of one slice, for recomputing the reducer's average."""
+    """A verifier's copy of every member's part of one slice, for recomputing the reducer's average.
 
-    def __init__(self, group: Group, index: int, bounds: tuple[int, int], weights: dict[str, float]) -> None:
+    With ``codec`` given, each chunk is recomputed (as if every member took part, the usual case)
+    in an executor thread as soon as every member's copy of it is in, so that the check overlaps
+    the round instead of following it; ``mismatch`` uses those results when the reducer indeed
+    used every member, and recomputes otherwise."""
+
+    def __init__(
+        self,
+        group: Group,
+        index: int,
+        bounds: tuple[int, int],
+        weights: dict[str, float],
+        *,
+        codec: Codec | None = None,
+        mode: str = "mean",
+        tau: float = 2.0,
+    ) -> None:
         self.group, self.index, (self.lo, self.hi), self.weights = group, index, bounds, weights
         self.chunks = chunk_bounds(self.hi - self.lo, group.chunk)
         self.payloads: dict[str, list[bytes | bytearray]] = {}
+        self._early = (codec, mode, tau)
+        self._expected: dict[int, bytes | None] = {}  # chunk -> our encoded average (None: not computable)
+        self.pending: list[asyncio.Future] = []
 
     def check(self, sender: str, header: PartHeader) -> str | None:
         declared = self.group.member(sender)
@@ -202,6 +220,22 @@ class CheckBuffer:
         parts = self.payloads.get(sender)
         if parts is not None and len(parts) == chunk:
             parts.append(payload)
+            members = self.group.members
+            complete = all(len(self.payloads.get(m.peer_id, ())) > chunk for m in members)
+            if self._early[0] is not None and complete:
+                self.pending.append(asyncio.get_running_loop().run_in_executor(None, self._expect, chunk))
+
+    def _expect(self, c: int) -> None:
+        """(an executor thread) Chunk ``c``'s average of every member's part, encoded."""
+        codec, mode, tau = self._early
+        lo, hi = self.chunks[c]
+        members = [m.peer_id for m in self.group.members]
+        parts = [(p, self.weights[p], self.payloads[p][c]) for p in members]
+        ours = combine(codec, mode, tau, parts, hi - lo)
+        try:
+            self._expected[c] = None if ours.refused or ours.average is None else codec.encode(ours.average)
+        except CodecError:  # e.g. an average that overflowed: ``mismatch`` finds it again and says so
+            pass
 
     def mismatch(
         self, codec: Codec, mode: str, tau: float, trailer: SliceTrailer, replies: list[bytes]
@@ -213,16 +247,23 @@ class CheckBuffer:
             self.chunks
         ):
             return None
+        early = not trailer.excluded and self._early == (codec, mode, tau)
         for c, (lo, hi) in enumerate(self.chunks):
-            parts = [(p, self.weights[p], self.payloads[p][c]) for p in used]
-            ours = combine(codec, mode, tau, parts, hi - lo)
-            if ours.refused or ours.average is None:
+            if early and c in self._expected:
+                encoded = self._expected[c]
+            else:
+                parts = [(p, self.weights[p], self.payloads[p][c]) for p in used]
+                ours = combine(codec, mode, tau, parts, hi - lo)
+                encoded = None if ours.refused or ours.average is None else codec.encode(ours.average)
+            if encoded is None:
                 return None  # the reducer should have left that part out: not our finding to make
+            if encoded == replies[c]:
+                continue  # the very bytes we compute (the same code on the same parts)
             try:
                 theirs = codec.decode(replies[c], hi - lo)
             except CodecError:
                 return f"chunk {c} does not decode"
-            expected = codec.decode(codec.encode(ours.average), hi - lo)
+            expected = codec.decode(encoded, hi - lo)
             scale = max(float(expected.norm()), 1e-30)
             error = float((theirs - expected).norm()) / scale
             if error > _TOLERANCE:
