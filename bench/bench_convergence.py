@@ -284,8 +284,9 @@ def run_swarm(base: dict, work: Path, outer: tuple[float, float], h: int = 50, c
     from p2p_trainer.config import load_config
     from p2p_trainer.contracts import run_fingerprint
     from p2p_trainer.data import TokenStream, build_tokenizer, tokenizer_sha256
-    from p2p_trainer.diloco import DiLoCo
     from p2p_trainer.metrics import read_metrics
+    from p2p_trainer.outer_sync import OuterSync
+    from p2p_trainer.ranks import LocalRanks
 
     budget, warm_steps = base["budget"], base["warm"]
     t0 = time.time()
@@ -303,15 +304,17 @@ def run_swarm(base: dict, work: Path, outer: tuple[float, float], h: int = 50, c
             value = "[" + ", ".join(f'{{name = "{s["name"]}", weight = {s["weight"]}}}' for s in value) + "]"
         argv_flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     procs, maddr = [], None
+    fingerprint = run_fingerprint(cfg, tokenizer_sha256(tok), len(tok))
     try:
         for i in range(K):
             folder = work / f"swarm-ckpt-{i}"
-            state = {"outer_step": 0, "diloco": DiLoCo(warm["params"], cfg.outer).state_dict(),
-                     "inner": warm["inner"], "config": cfg.to_dict(),
-                     "fingerprint": run_fingerprint(cfg, tokenizer_sha256(tok), len(tok)),
-                     "data": TokenStream(cfg.data, tok, cfg.model.seq_len,
-                                         peer_seed=_order(base["seed"], i)).state_dict()}
-            checkpoint.save_checkpoint(folder, 0, state)
+            # the checkpoint a trainer would write at outer step 0 holding the warm start
+            outer = OuterSync(LocalRanks(0, 1, torch.device("cpu")), _inner(cfg, tok, warm), None, cfg.outer)
+            seed = _order(base["seed"], i)
+            data = TokenStream(cfg.data, tok, cfg.model.seq_len, peer_seed=seed).state_dict()
+            extra = checkpoint.run_metadata(data, cfg.to_dict(), fingerprint)
+            checkpoint.save_checkpoint(folder, 0, lambda f, o=outer, e=extra: o.write_checkpoint(f, e))
+            outer.close()
             log = work / f"swarm-{i}.log"
             cmd = [sys.executable, "-m", "p2p_trainer.cli", "train", "--config", "configs/debug.toml",
                    "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--metrics", str(work / f"swarm-{i}.jsonl"),

@@ -79,6 +79,12 @@ def open_checkpoint(path: str | Path, numel: int | None = None) -> StateFile:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
 
 
+def run_metadata(data: dict, config: dict, fingerprint: dict) -> dict[str, str]:
+    """What a checkpoint keeps beside the state (see ``extra``): the data stream's position, the
+    config and the run fingerprint."""
+    return {"data": json.dumps(data), "config": json.dumps(config), "fingerprint": json.dumps(fingerprint)}
+
+
 def extra(file: StateFile, key: str) -> Any:
     """What the run stored in a checkpoint's metadata under ``key`` (JSON)."""
     return json.loads(file.metadata[f"extra.{key}"])

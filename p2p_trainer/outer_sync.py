@@ -39,7 +39,7 @@ from p2p_trainer.outer_state import LiveState, OuterState
 from p2p_trainer.ranks import LocalRanks
 from p2p_trainer.swarm import StateFile, SwarmPeer
 from p2p_trainer.swarm.peer import PendingRound
-from p2p_trainer.swarm.state_format import FORMAT, MAX_LOCAL_HEADER, WINDOW
+from p2p_trainer.swarm.state_format import FORMAT, MAX_LOCAL_HEADER, WINDOW, StateFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +296,17 @@ class OuterSync:
         }
         self.state.write_file(f, metadata, with_inner=True)
 
-    def restore(self, file: StateFile | None) -> None:
-        """On every rank (``file``: the leader's checkpoint, verified): continue from it."""
+    def restore(self, file: StateFile | None) -> str:
+        """On every rank (``file``: the leader's checkpoint, verified): continue from it. The leader
+        hashes θ again from every rank's share, so a checkpoint that any number of ranks wrote is
+        known to be loaded whole; that hash on the leader ("" elsewhere)."""
         self._load(file, inner=True, residual=True)
+        if not self.ranks.leader:
+            return ""
+        written = self.diloco.committed_sha256
+        with self.state.lock:
+            self.state.commit()
+        loaded = self.diloco.committed_sha256
+        if loaded != written:
+            raise StateFormatError(f"θ loaded from {file.path} hashes to {loaded[:12]}, not {written[:12]}")
+        return loaded

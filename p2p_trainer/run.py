@@ -42,6 +42,9 @@ def peer_seed(peer_id: str) -> int:
     return int(hashlib.sha256(peer_id.encode()).hexdigest()[:8], 16)
 
 
+_ECHO_S = 1.0  # a second stop signal within this long is the first one again
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM: the loop leaves at the next safe point and shuts down cleanly.
     Callbacks registered with ``on_stop`` (the swarm peer's ``interrupt``) run in the handler, so a
@@ -50,6 +53,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.abort_now = False  # set while joining the swarm (which retries for up to join_timeout)
+        self._first = 0.0
         self._callbacks: list = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,9 +65,12 @@ class StopFlag:
             callback()
 
     def _handle(self, signum, frame) -> None:
+        if self.event.is_set() and time.monotonic() - self._first < _ECHO_S:
+            return  # the same stop twice (Ctrl+C reaches a torchrun worker, which its agent forwards)
         if self.event.is_set() or self.abort_now:
             raise KeyboardInterrupt  # the CLI exits 0; the swarm peer being built cleans up after itself
         logger.info("received signal %d: finishing cleanly", signum)
+        self._first = time.monotonic()
         self.set()
 
     def set(self) -> None:
@@ -306,11 +313,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save(self, step: int) -> None:
         """Leader: a checkpoint of this outer step (the other ranks' values stream through the pump)."""
-        extra = {
-            "data": json.dumps(self.data.state_dict()),
-            "config": json.dumps(self.cfg.to_dict()),
-            "fingerprint": json.dumps(self.fingerprint),
-        }
+        extra = checkpoint.run_metadata(self.data.state_dict(), self.cfg.to_dict(), self.fingerprint)
         keep = self.cfg.checkpoint.keep
         checkpoint.save_checkpoint(
             self.cfg.checkpoint.dir, step, lambda f: self.outer.write_checkpoint(f, extra), keep=keep
@@ -331,12 +334,16 @@ class Trainer:
         try:
             if checkpoint.extra(file, "fingerprint") != json.loads(json.dumps(self.fingerprint)):
                 raise ConfigError(f"checkpoint {path} belongs to another run (its run fingerprint differs)")
-            self.outer.restore(file if self.ranks.leader else None)
+            theta = self.outer.restore(file if self.ranks.leader else None)
             self.data.load_state_dict(checkpoint.extra(file, "data"))
+        except StateFormatError as e:
+            raise ConfigError(f"checkpoint {path} is unreadable: {e}") from None
         finally:
             file.close()
         self.catch_up.resumed_step = file.outer_step
-        logger.info("resumed from %s (outer step %d)", path, file.outer_step)
+        if self.ranks.leader:
+            where = f"outer step {file.outer_step}, θ {theta[:12]}, on {self.ranks.world} rank(s)"
+            logger.info("resumed from %s (%s)", path, where)
 
     def close(self) -> None:
         self.metrics.close()
