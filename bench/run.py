@@ -42,6 +42,20 @@ BENCHES = [
         "loopback all-reduce, 16M fp32 per peer: ours (int8, fp32) vs stock hivemind (none, fp16)",
     ),
     (
+        "sparse",
+        "bench.bench_sparse",
+        {"size_mb": 64},
+        False,
+        "sparse codec: throughput, bytes per value and accuracy of a round, with int8 beside it",
+    ),
+    (
+        "memory",
+        "bench.bench_memory",
+        {},
+        False,
+        "peak RSS and outer state per local rank: a 106M-parameter peer with 1 and 2 ranks",
+    ),
+    (
         "attacks",
         "bench.bench_attacks",
         {},

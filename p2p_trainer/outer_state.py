@@ -80,6 +80,13 @@ class OuterState:
         pump.provide("snapshot", call=lambda eager: self._snapshot(bool(eager)))
         return pump.start()
 
+    def nbytes(self) -> int:
+        """Bytes of outer state this rank holds now (its shares of θ, the momentum and whatever
+        the mode keeps beside them)."""
+        d = self.diloco
+        held = (d.master, d.momentum, self.residual, self.sent, self.part, self.delta, self.prev_delta)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     def close(self) -> None:
         self.pump.close()
         if self._good is not None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -207,11 +208,21 @@ class Trainer:
                 self._log_round(step, stats, report)
                 if report.advanced:
                     self._after_outer_step(step, stats)
+            self._report_memory()
             self.outer.close()  # every rank is here: the pump's threads end
         finally:
             bar.close()
             self.close()
         return 0
+
+    def _report_memory(self) -> None:
+        """Every rank: its share of the outer state and its peak resident memory (``make bench``'s
+        memory benchmark reads these lines)."""
+        state, rank, world = self.outer.state, self.ranks.rank, self.ranks.world
+        share = state.layout.share_numel[rank]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        logger.info(f"memory: rank {rank} of {world} holds {share} of {state.numel} values, outer state "
+                    f"{state.nbytes()} bytes, peak RSS {peak} bytes")  # fmt: skip
 
     def _stopping(self) -> bool:
         """Whether to leave now: the leader's answer on every rank (each rank gets the signal at its
