@@ -23,6 +23,7 @@ from tests.e2e import LOOPBACK, cli, start, train_args, wait_for_line
 ALLREDUCE_TIMEOUT = 6.0
 UNREACHABLE = "QmXGaG9yZ1hJ4R4mV3PR3rQJ4C8hLZNVn8d3ZGgN5Gbp8S"  # nobody listens on the discard port
 STALL_S = 3.0  # the joiner sends its parts this late: a window to kill it inside an all-reduce
+DEADLINE_FLOOR = STALL_S + 1.5  # the swarm's learned deadlines wait for the joiner's stalled parts
 # a tiny model whose steps mostly sleep (the test entry point's --slowdown): rounds of about a
 # second, little CPU
 COMMON = [
@@ -30,7 +31,8 @@ COMMON = [
     "--model.intermediate_size", "128", "--model.seq_len", "64", "--data.batch_size", "8",
     "--data.micro_batch_size", "8", "--inner.steps_per_round", "5",
     "--log.eval_every", "0", "--swarm.matchmaking_timeout", "5",
-    "--swarm.allreduce_timeout", str(ALLREDUCE_TIMEOUT), "--swarm.record_ttl", "10",
+    "--swarm.allreduce_timeout", str(ALLREDUCE_TIMEOUT), "--swarm.deadline_floor", str(DEADLINE_FLOOR),
+    "--swarm.record_ttl", "10",
     "--swarm.join_timeout", "20", "--swarm.state_timeout", "20", "--swarm.download_inner_state", "true",
 ]  # fmt: skip
 
