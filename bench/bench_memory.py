@@ -32,7 +32,7 @@ LINE = re.compile(
 def model_args(layers: int) -> list[str]:
     return ["--model.hidden_size", "1024", "--model.num_layers", str(layers), "--model.num_heads", "16",
             "--model.num_kv_heads", "8", "--model.intermediate_size", "2816", "--model.seq_len", "32",
-            "--data.batch_size", "1", "--data.micro_batch_size", "1", "--inner.steps_per_round", "1",
+            "--data.batch_size", "2", "--data.micro_batch_size", "1", "--inner.steps_per_round", "1",
             "--log.eval_every", "0", "--log.progress_bar", "false", "--swarm.min_group_size", "2",
             "--swarm.matchmaking_timeout", "120", "--swarm.allreduce_timeout", "120",
             "--max-outer-steps", "2"]  # fmt: skip

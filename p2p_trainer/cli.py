@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from p2p_trainer.config import ConfigError, SwarmConfig, load_config, section_fields
+from p2p_trainer.config import ConfigError, SwarmConfig, check_multiaddr_syntax, load_config, section_fields
 from p2p_trainer.plan import add_arguments as plan_arguments
 
 USAGE_ERROR = 2
@@ -152,6 +152,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
+    check_multiaddr_syntax(args.initial_peers or [], "--initial-peers")
+    check_multiaddr_syntax(args.host_maddrs, "--host-maddrs")
+    check_multiaddr_syntax(args.announce_maddrs or [], "--announce-maddrs")
     from p2p_trainer.bootstrap import run_bootstrap
 
     return run_bootstrap(
@@ -179,12 +182,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    try:
-        from p2p_trainer.swarm import SwarmError
-
-        errors.append(SwarmError)
-    except ImportError:
-        pass
+    # a SwarmError can only come once the swarm is imported: a bad flag must not wait for that import
+    swarm_errors = sys.modules.get("p2p_trainer.swarm.errors")
+    if swarm_errors is not None:
+        errors.append(swarm_errors.SwarmError)
     return tuple(errors)
 
 

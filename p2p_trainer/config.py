@@ -168,6 +168,18 @@ class OuterConfig:
             raise ConfigError(f"outer.momentum={self.momentum} must be in [0, 1)")
 
 
+def check_multiaddr_syntax(values: list, what: str) -> None:
+    """ConfigError naming the first of ``values`` that does not parse as a multiaddr (the swarm
+    checks more when it starts; this answers a typo before the heavy imports)."""
+    from multiaddr import Multiaddr  # light, unlike the swarm layer
+
+    for value in values:
+        try:
+            Multiaddr(str(value).strip())
+        except Exception as e:  # multiaddr raises several unrelated types
+            raise ConfigError(f"{what}: {value!r} is not a valid multiaddr: {e}") from None
+
+
 @dataclass
 class SwarmConfig:
     run_id: str = _f("p2p-debug", "name of the training run; peers with another run id never group with us")
@@ -262,6 +274,9 @@ class SwarmConfig:
 
     def validate(self) -> None:
         from p2p_trainer.codec import CODECS, SparseParams  # codec names and limits live with the codecs
+
+        for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
+            check_multiaddr_syntax(getattr(self, name), f"swarm.{name}")
 
         if self.codec not in CODECS:
             raise ConfigError(f"swarm.codec={self.codec!r} is not one of {', '.join(CODECS)}")
