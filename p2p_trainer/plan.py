@@ -143,16 +143,16 @@ def cpu_memory(params: int, gpus: int, codec: str) -> dict[str, int]:
         "master copy + outer momentum (fp32 share)": 8 * params // ranks,
         "streaming buffer (assumed)": STREAM_BUFFER_BYTES,
     }
-    if codec == "sparse":  # what a round did not send is kept and added to the next one
-        mem["error feedback (fp32 share)"] = 4 * params // ranks
+    if codec == "sparse":  # what a round did not send (residual) and what it sent, during a round
+        mem["error feedback (fp32 share)"] = 8 * params // ranks
     mem["total"] = sum(mem.values())
     return mem
 
 
-def cpu_today_rank0(params: int) -> int:
-    """Before issue 13, rank 0 holds the whole outer state and the round's temporaries: master,
-    momentum, the exported θ, Δ, the average and the outer step's gradient copy (``outer_sync.py``)."""
-    return 24 * params
+def cpu_rank0_extra(params: int, codec: str) -> int:
+    """What rank 0 holds beyond its share: the round's encoded average (kept until the members agree
+    on it, then streamed to every rank window by window)."""
+    return payload_bytes(codec, params)
 
 
 # ---------------------------------------------------------------- one round
@@ -238,7 +238,7 @@ class Plan:
     hardware: Hardware
     gpu: dict[str, int]
     cpu: dict[str, int]
-    cpu_today_rank0: int
+    cpu_rank0_extra: int
     rounds: dict[str, Round]
     mfu_pct: float
 
@@ -269,7 +269,7 @@ def make_plan(
     rounds = {c: predict_round(c, params, steps, step_s, hw) for c in CODECS}
     return Plan(config, preset, params, vocab_size(cfg), steps, step_s, source, cfg.swarm.codec, hw,
                 gpu_memory(cfg, params, hw.gpus), cpu_memory(params, hw.gpus, cfg.swarm.codec),
-                cpu_today_rank0(params), rounds, mfu)
+                cpu_rank0_extra(params, cfg.swarm.codec), rounds, mfu)
 
 
 def intellect1_comparison(plan: Plan) -> list[tuple[str, str, str]] | None:
@@ -427,8 +427,8 @@ def format_plan(plan: Plan) -> str:
         out.append(f"  fits in {hw.gpu_mem_gb:g} GB")
     out += ["", f"CPU memory per local rank (issue 13: outer state sharded over {ranks}), GB"]
     out += _table([[k, f"{v / GB:.2f}"] for k, v in plan.cpu.items()])
-    today = plan.cpu_today_rank0 / GB
-    out += [f"  today's code keeps it all on rank 0 with the round's temporaries: ~{today:.1f}", "",
+    extra = plan.cpu_rank0_extra / GB
+    out += [f"  rank 0 also holds the round's encoded average ({plan.codec}): {extra:.2f}", "",
             f"one round per peer: each direction of its link carries 2(k-1)/k of the payload, "
             f"k = {hw.peers}; * = the config's codec"]
     rows = [["codec", "payload MB", "wire MB", "compute s", "transfer s", "codec s", "latency s", "round s",
