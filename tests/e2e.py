@@ -16,8 +16,9 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "p2p_trainer.cli", *args]
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def start(args: list[str], log: Path, *, threads: int = 1) -> subprocess.Popen:
+    """``threads``: torch's intra-op threads (1 where several peers share the cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 

@@ -31,10 +31,11 @@ def overlapped(tmp_path_factory):
     procs["p1"] = start(_slow(train_args(tmp, "p1", "--initial-peers", maddr, *ARGS)), tmp / "p1.log")
     try:
         wait_until(lambda: max(_outer(tmp, "p0"), default=0) >= 2, 150, "the first average")
-        # the first two train until the test stops them; the late one stops at outer step STEPS
-        late = train_args(tmp, "late", "--initial-peers", maddr, *ARGS, "--max-outer-steps", str(STEPS))
+        # all three train until the test stops them: the late one after 3 outer steps of its own
+        late = train_args(tmp, "late", "--initial-peers", maddr, *ARGS)
         procs["late"] = start(_slow(late), tmp / "late.log")
-        wait_until(lambda: procs["late"].poll() is not None, 200, "the late joiner to finish")
+        wait_until(lambda: len(_outer(tmp, "late")) >= 3 and max(_outer(tmp, "p0")) >= STEPS, 200,
+                   "3 outer steps of the late joiner")  # fmt: skip
     finally:
         codes = stop_all(procs)
     logs = "\n".join(f"--- {n}\n{(tmp / f'{n}.log').read_text()[-2500:]}" for n in procs)

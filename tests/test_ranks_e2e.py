@@ -50,9 +50,21 @@ def _outer(tmp: Path, name: str) -> dict[int, dict]:
 
 
 def _shared_rounds(tmp: Path, a: str, b: str) -> list[tuple[dict, dict]]:
-    """The records of the rounds ``a`` and ``b`` averaged together (each in the other's group)."""
+    """The records of the rounds ``a`` and ``b`` averaged together (each in the other's group) after
+    entering them with the same θ (a round that failed on one side only can leave the two apart
+    until the next boundary's check, which is not what this compares)."""
     ra, rb = _outer(tmp, a), _outer(tmp, b)
-    return [(ra[s], rb[s]) for s in sorted(ra.keys() & rb.keys()) if ra[s]["members"] == rb[s]["members"]]
+
+    def entered(name: str, step: int) -> str | None:  # the last θ it held at step - 1
+        path, held = tmp / f"{name}.jsonl", None
+        for r in read_metrics(path) if path.exists() else []:
+            if r["event"] in ("outer_step", "state_download") and r["outer_step"] == step - 1:
+                held = r["params_sha256"]
+        return held
+
+    both = sorted(ra.keys() & rb.keys())
+    same_start = [s for s in both if entered(a, s) is not None and entered(a, s) == entered(b, s)]
+    return [(ra[s], rb[s]) for s in same_start if ra[s]["members"] == rb[s]["members"]]
 
 
 def _tree(pid: int) -> list[int]:
@@ -157,22 +169,36 @@ def test_a_killed_torchrun_agent_leaves_no_process_and_ctrl_c_stops_cleanly(swar
     assert not swarm["c_left"], (swarm["c_left"], logs)
 
 
-@pytest.mark.parametrize("writer,reader_ranks", [("a", 1), ("b", 2)])
-def test_a_checkpoint_resumes_on_another_number_of_ranks(swarm, writer, reader_ranks):
-    tmp = swarm["tmp"]
-    files = sorted((tmp / f"ckpt-{writer}").glob("ckpt-*.safetensors"))
-    assert files, swarm["logs"]
-    step = int(files[-1].stem.split("-")[1])
-    args = train_args(tmp, f"{writer}-resumed", *COMMON, "--checkpoint.dir", str(tmp / f"ckpt-{writer}"),
-                      "--resume", "--max-outer-steps", str(step))  # fmt: skip
-    log = tmp / f"{writer}-resumed-{reader_ranks}.log"
-    proc = start(args, log) if reader_ranks == 1 else _torchrun(args, log)
+@pytest.fixture(scope="module")
+def resumed(swarm):
+    """Each side's last checkpoint resumed by the other world size, both runs at once (to the step
+    it holds: no round, only the load): (writer, ranks) -> (checkpoint step, log)."""
+    tmp, runs = swarm["tmp"], {}
+    for writer, ranks in (("a", 1), ("b", 2)):
+        files = sorted((tmp / f"ckpt-{writer}").glob("ckpt-*.safetensors"))
+        assert files, swarm["logs"]
+        step = int(files[-1].stem.split("-")[1])
+        args = train_args(tmp, f"{writer}-resumed", *COMMON, "--checkpoint.dir", str(tmp / f"ckpt-{writer}"),
+                          "--resume", "--max-outer-steps", str(step))  # fmt: skip
+        log = tmp / f"{writer}-resumed-{ranks}.log"
+        runs[writer, ranks] = (step, log, start(args, log) if ranks == 1 else _torchrun(args, log))
     try:
-        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        return {key: (step, log, proc.wait(timeout=120)) for key, (step, log, proc) in runs.items()}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL) if reader_ranks > 1 else proc.kill()
+        for (_, ranks), (_, _, proc) in runs.items():
+            if ranks > 1:  # its workers too (torchrun's process group, see ``_torchrun``)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            elif proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("writer,reader_ranks", [("a", 1), ("b", 2)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(swarm, resumed, writer, reader_ranks):
+    step, log, code = resumed[writer, reader_ranks]
+    assert code == 0, log.read_text()[-3000:]
     found = re.search(r"resumed from \S+ \(outer step (\d+), θ (\w+), on (\d) rank", log.read_text())
     assert found, log.read_text()[-3000:]
     assert (int(found[1]), int(found[3])) == (step, reader_ranks)
-    assert _outer(tmp, writer)[step]["params_sha256"].startswith(found[2])
+    assert _outer(swarm["tmp"], writer)[step]["params_sha256"].startswith(found[2])

@@ -1,4 +1,4 @@
-"""Three real trainers (CLI processes) and a bootstrap peer on loopback train the debug model together."""
+"""Three real trainers (CLI processes) and a bootstrap peer on loopback train a tiny model together."""
 
 import time
 
@@ -6,6 +6,7 @@ import pytest
 
 from p2p_trainer.metrics import read_metrics
 from tests.e2e import LOOPBACK, cli, start, stop, train_args, wait_for_line
+from tests.volunteers import TINY_MODEL
 
 pytestmark = pytest.mark.timeout(300)
 PEERS, STEPS = 3, 3
@@ -29,6 +30,9 @@ def swarm_run(tmp_path_factory):
                         f"p{i}",
                         "--initial-peers",
                         maddr,
+                        *TINY_MODEL,
+                        "--swarm.matchmaking_timeout",  # the first waits for the last to start
+                        "90",
                         "--max-outer-steps",
                         str(STEPS),
                         "--inner.steps_per_round",
@@ -75,7 +79,8 @@ def test_int8_traffic_is_a_quarter_of_fp32(swarm_run):
     from p2p_trainer.config import load_config
     from p2p_trainer.model import count_parameters
 
-    n_params = count_parameters(load_config("configs/debug.toml").model, 257)
+    tiny = {flag.lstrip("-"): value for flag, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2], strict=True)}
+    n_params = count_parameters(load_config("configs/debug.toml", tiny).model, 257)
     fp32_bound = 2 * (PEERS - 1) / PEERS * 4 * n_params
     for i in range(PEERS):
         for r in read_metrics(swarm_run[0] / f"p{i}.jsonl", "outer_step"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from p2p_trainer.metrics import read_metrics
-from tests.e2e import cli, start, stop, train_args
+from tests.e2e import cli, start, train_args
 
 pytestmark = pytest.mark.timeout(240)
 STEPS = 3
@@ -19,6 +19,7 @@ def lone_run(tmp_path_factory):
     proc = start(
         train_args(tmp, "m", "--max-outer-steps", str(STEPS), "--checkpoint.dir", str(tmp / "ckpt")),
         tmp / "log",
+        threads=2,  # alone on the machine's 2 cores
     )
     code = proc.wait(timeout=200)
     return tmp, code, time.monotonic() - t0
@@ -99,17 +100,8 @@ def test_resume_continues_from_checkpoint(lone_run):
             "0",
         ),
         tmp / "resume.log",
+        threads=2,
     )
     assert proc.wait(timeout=120) == 0, (tmp / "resume.log").read_text()[-3000:]
     outer = read_metrics(tmp / "resumed.jsonl", "outer_step")
     assert [r["outer_step"] for r in outer] == [STEPS + 1]
-
-
-def test_sigint_exits_zero_quickly(tmp_path):
-    from tests.e2e import wait_for_line
-
-    proc = start(train_args(tmp_path, "m"), tmp_path / "log")
-    wait_for_line(tmp_path / "log", "peer address:", proc)
-    t0 = time.monotonic()
-    assert stop(proc, timeout=10) == 0
-    assert time.monotonic() - t0 < 10
