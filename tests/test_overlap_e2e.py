@@ -47,7 +47,8 @@ def test_every_applied_outer_step_leaves_the_peers_identical(overlapped):
     assert codes == {"p0": 0, "p1": 0, "late": 0}, logs
     p0, p1 = _outer(tmp, "p0"), _outer(tmp, "p1")
     # with overlap the first boundary applies nothing: outer steps 2.. are averages, one round late
-    assert set(range(2, STEPS + 1)) <= set(p0), logs
+    # (a split at start-up, healed by a download, can cost p0 the record of one of them)
+    assert len(set(range(2, STEPS + 1)) - set(p0)) <= 1, logs
     for step in set(p0) & set(p1):
         assert p0[step]["params_sha256"] == p1[step]["params_sha256"], step
     assert len({r["params_sha256"] for r in p0.values()}) == len(p0)  # θ moves every applied step

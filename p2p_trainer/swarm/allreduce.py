@@ -23,7 +23,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -110,8 +110,10 @@ class AllReducer:
         fault: Fault | None = None,
         wait_for_slower: float = 2.0,
         deadline_floor: float = 2.0,
+        read_keys: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._p2p, self.peer_id, self.client_mode = p2p, peer_id, client_mode
+        self._read_keys = read_keys  # a fresh read of the records, which carry the peers' signing keys
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
         self.signer, self.aggregation, self.tau, self.recheck = signer, aggregation, tau, recheck
         self._ban = ban or (lambda peer_id, why: None)
@@ -322,11 +324,17 @@ class AllReducer:
         )
         if failure is not None:
             raise failure if isinstance(failure, RoundFailed) else RoundFailed(repr(failure))
+        await self._know(*group.reducers)
         why, liars = verdict(group, self.signer, seals, [r for r in replies if isinstance(r, CommitReply)])
         for liar in liars:
             self._ban(liar, f"it sent different averages of one slice to different members in round {step}")
         if why:
             raise RoundFailed(f"round {step}: {why}")
+
+    async def _know(self, *peer_ids: str) -> None:
+        """Read the records again when a signer's key is not known yet, before judging its seal."""
+        if self._read_keys is not None and not all(self.signer.knows(p) for p in peer_ids):
+            await self._read_keys()
 
     async def _post(self, state: RoundState, witness: str, post: CommitPost) -> CommitReply:
         if witness == self.peer_id:
@@ -495,6 +503,7 @@ class AllReducer:
             trailer = _parse_reply(body, SliceTrailer)
             sha256 = await replies.finish()
             index = payloads.part.slice_index
+            await self._know(reducer)
             bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, sha256)
             if bad:
                 answer.error = bad

@@ -112,6 +112,7 @@ class SwarmPeer(Observer):
             fault=fault,
             wait_for_slower=cfg.wait_for_slower,
             deadline_floor=cfg.deadline_floor,
+            read_keys=lambda: self._board.read(max_age=0.0),
         )
         self._downloader = Downloader(p2p, self._board, cfg.run_id, self.peer_id, cfg.state_timeout)
         await self._matchmaker.start()

@@ -75,6 +75,11 @@ class Signer:
         signature = self._key.sign(self._accusation_bytes(group_id, unsigned)).decode()
         return unsigned.model_copy(update={"signature": signature})
 
+    def knows(self, peer_id: str) -> bool:
+        """Whether we hold ``peer_id``'s signing key (a peer that just joined may not have read the
+        record that carries it yet)."""
+        return peer_id == self.peer_id or self._key_of(peer_id) is not None
+
     def _valid(self, peer_id: str, data: bytes, signature: str) -> bool:
         if peer_id == self.peer_id:
             return self._key.get_public_key().verify(data, signature.encode())
