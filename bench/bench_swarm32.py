@@ -254,9 +254,10 @@ def _run_peer(peer, spec, log, started, torch, params_sha256, TrainingState, out
                 to_step=got.state.outer_step if got else None,
                 seconds=got.seconds if got else None,
             )
-            if got is not None:
-                theta, step = got.state.master.clone(), got.state.outer_step
+            if got is not None:  # the state comes as a verified file, read like the trainer reads it
+                theta, step = got.state.read("master", 0, numel).clone(), got.state.outer_step
                 sha, inner = got.state.params_sha256, got.state.inner_step
+                got.state.discard()
                 peer.publish_state(TrainingState(step, sha, theta.clone(), None, inner))
                 peer.publish_progress(
                     outer_step=step,

@@ -56,6 +56,13 @@ BENCHES = [
         "peak RSS and outer state per local rank: a 106M-parameter peer with 1 and 2 ranks",
     ),
     (
+        "swarm32",
+        "bench.bench_swarm32",
+        {},
+        True,
+        "32 peers on one machine: joins, rounds, group sizes, memory; 20 simultaneous starts of 8 peers",
+    ),
+    (
         "attacks",
         "bench.bench_attacks",
         {},
