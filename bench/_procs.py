@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -139,6 +140,13 @@ def run_round(workers: Sequence[Worker], codec: str, rnd: int, timeout: float = 
     for w in workers:
         w.send(f"go {codec} {rnd} {start!r}")
     return [w.expect(timeout) for w in workers]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def loadavg() -> str:

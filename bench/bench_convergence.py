@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench._procs import free_port
 
 K = 4
 PLOT = Path("bench/plots/convergence.png")
@@ -216,12 +217,6 @@ def _launch(spec: dict, work: Path, name: str) -> subprocess.Popen:
     path.write_text(json.dumps(dict(spec, out=str(work / f"{name}.out.json"))))
     return subprocess.Popen([sys.executable, "-m", "bench.bench_convergence", "--job", str(path)],
                             stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=_env())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _collect(name: str, procs: list[subprocess.Popen], work: Path, t0: float) -> dict:
@@ -409,7 +404,7 @@ def run(budget: int = 200, warm: int = 400, quarter_seeds: tuple[int, ...] = (1,
                                codec="int8")]
 
     def dp(r: dict) -> list[dict]:
-        port = _free_port()
+        port = free_port()
         return [dict(base, kind="dp", rank=rank, world=2, port=port) for rank in range(2)]
 
     jobs: list[Job] = [("warm", one(kind="warm"), ()), ("dp", dp, ("warm",))]

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._procs import loadavg
+from bench._procs import free_port, loadavg
 
 LINE = re.compile(
     r"memory: rank (\d+) of (\d+) holds (\d+) of (\d+) values, outer state (\d+) bytes, peak RSS (\d+) bytes"
@@ -42,14 +42,6 @@ def model_args(layers: int) -> list[str]:
             "--log.eval_every", "0", "--log.progress_bar", "false", "--swarm.min_group_size", "2",
             "--swarm.matchmaking_timeout", "120", "--swarm.allreduce_timeout", "120",
             "--max-outer-steps", "2"]  # fmt: skip
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _peer_line(log: Path, proc: subprocess.Popen, timeout: float = 180.0) -> str:
@@ -77,7 +69,7 @@ def measure(ranks: int, layers: int, work: Path) -> list[dict]:
         maddr = _peer_line(partner_log, partner)
         launch = [sys.executable] if ranks == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-            "127.0.0.1", "--master-port", str(_free_port())]  # fmt: skip
+            "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
         peer = subprocess.Popen([*launch, *cli, "--initial-peers", maddr], stdout=open(peer_log, "w"),
                                 stderr=subprocess.STDOUT, env=env)  # fmt: skip
         if peer.wait(timeout=900) != 0:

@@ -39,6 +39,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from bench._procs import free_port
+
 _CHILD_NAMES = ("dht", "p2pd", "torch_shm_manag")
 _POLL_S = 0.1
 
@@ -725,7 +727,7 @@ def run_trials(
         run_id = f"{mode}{trial}-{os.getpid()}"
         addrs = []
         for i in range(n):
-            port = _free_port()
+            port = free_port()
             pid = load_identity(str(sub / f"t{i}.key")).peer_id
             addrs.append(f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}")
         start_at = time.time() + 1.5
@@ -782,12 +784,6 @@ def run_trials(
     ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- part 3: memory of real processes

@@ -1,7 +1,6 @@
 """The canonical vector's layout over local ranks, and rank 0's pump over it (real gloo, 3 ranks)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from p2p_trainer.pump import Pump
 from p2p_trainer.shards import Layout, gather_share, read_views, scatter_share
+from tests.volunteers import free_port
 
 pytestmark = pytest.mark.timeout(120)
 SHAPES = [(5, 3), (5,), (1, 5), (1,), (7, 2), (0, 4), (130,)]
@@ -76,12 +76,6 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [1, 3])
 def test_pump_reads_and_writes_canonical_windows(world):
     if world == 1:  # no process group: reads and writes are plain calls
@@ -90,7 +84,7 @@ def test_pump_reads_and_writes_canonical_windows(world):
     else:
         with mp.Manager() as manager:
             out = manager.dict()
-            mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
             out = dict(out)
     numel = Layout(SHAPES, world).numel
     assert torch.equal(out["read"], torch.arange(numel, dtype=torch.float32))
