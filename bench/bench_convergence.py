@@ -12,7 +12,7 @@ method then starts from that checkpoint (weights and AdamW state) and spends the
   ``torch.distributed`` gloo all-reduce every step (hooks on the parameters), ``budget`` steps;
 - DiLoCo, k=4 workers, H in {10, 50}: an in-process simulation that calls the swarm's own pieces:
   ``p2p_trainer.inner.InnerLoop`` per worker, ``p2p_trainer.diloco.DiLoCo`` for the outer step, and
-  the reducer's arithmetic (``slice_bounds``/``weighted_mean`` from ``p2p_trainer.swarm.allreduce``
+  the reducer's arithmetic (``p2p_trainer.testing.simulate.swarm_average``, the swarm's slices and aggregation
   with the real codec: every part encoded and decoded, fp32 weighted accumulation, the average
   encoded once and decoded). Outer (lr, momentum) is swept per H with fp32; int8 runs at each H's best;
 - the same DiLoCo k=4, H=50, int8 row over the real swarm: four ``p2p-trainer train`` processes on
@@ -158,29 +158,29 @@ def job_dp(spec: dict) -> dict:
             "replicas_identical": len(set(hashes)) == 1}
 
 
-def simulate_reduce(deltas: list, weights: list[float], codec):
-    """What the swarm's reducers compute, slice by slice:
-    decode(encode(Σ w_j decode(encode(Δ_j)) / Σ w_j)), accumulated in fp32 in group order."""
+def _sent(part, codec, k: int):
+    """What ``part`` decodes to after the codec, slice by slice as the swarm's members send it."""
     import torch
 
-    from p2p_trainer.swarm.partition import slice_bounds, weighted_mean
+    from p2p_trainer.swarm.partition import slice_bounds
 
-    numel = deltas[0].numel()
-    out = torch.empty(numel)
-    for lo, hi in slice_bounds(numel, len(deltas)):
-        parts = [(w, codec.decode(codec.encode(d[lo:hi].contiguous()), hi - lo))
-                 for d, w in zip(deltas, weights, strict=True)]
-        average, _ = weighted_mean(parts, hi - lo)
-        out[lo:hi] = codec.decode(codec.encode(average), hi - lo)
+    out = torch.empty_like(part)
+    for lo, hi in slice_bounds(part.numel(), k):
+        out[lo:hi] = codec.decode(codec.encode(part[lo:hi].contiguous()), hi - lo)
     return out
 
 
 def job_diloco(spec: dict) -> dict:
+    """k simulated workers over the swarm's own pieces. ``aggregation`` (mean | clip), ``overlap``
+    (none | delayed | eager, as ``OuterSync`` does them) and ``error_feedback`` as in the trainer's
+    config; the reducers' arithmetic is ``testing.simulate.swarm_average``."""
     from p2p_trainer.codec import get_codec
     from p2p_trainer.config import OuterConfig
     from p2p_trainer.diloco import DiLoCo
+    from p2p_trainer.testing.simulate import swarm_average
 
     h, budget = spec["H"], spec["budget"]
+    mode, overlap = spec.get("aggregation", "mean"), spec.get("overlap", "none")
     cfg, tok, ev = _setup(spec["warm"] + budget)
     warm = _load_warm(spec["warm_path"])
     workers = [_inner(cfg, tok, warm) for _ in range(K)]
@@ -188,20 +188,46 @@ def job_diloco(spec: dict) -> dict:
     outer = OuterConfig(lr=spec["outer_lr"], momentum=spec["momentum"], nesterov=True)
     diloco = DiLoCo(warm["params"], outer)
     codec = get_codec(spec["codec"])
+    ef = spec.get("error_feedback", spec["codec"] == "sparse")
+    weights = [float(h * 16 * 128)] * K
+    residual: list = [None] * K
+    delta: list = [None] * K
     rounds, every = budget // h, max(1, 50 // h)
     curve = [(0, workers[0].evaluate(ev))]
+    pending = None  # overlap: the average of the round in flight, applied at the next boundary
     for r in range(1, rounds + 1):
-        deltas = []
-        for loop, stream in zip(workers, streams, strict=True):
+        parts, previous = [], list(delta)
+        for i, (loop, stream) in enumerate(zip(workers, streams, strict=True)):
             for _ in range(h):
                 loop.step(stream.next_batch())
-            deltas.append(diloco.pseudo_gradient(loop.export_params()))
-        theta = diloco.apply(simulate_reduce(deltas, [float(h * 16 * 128)] * K, codec))
-        for loop in workers:
-            loop.import_params(theta)
+            delta[i] = diloco.pseudo_gradient(loop.export_params())
+            part = delta[i] + residual[i] if ef and residual[i] is not None else delta[i]
+            if ef:  # what the codec does not send of our part carries into the next round
+                residual[i] = part - _sent(part, codec, K)
+            parts.append(part)
+        average = swarm_average(parts, weights, codec=codec, mode=mode)
+        if overlap == "none":
+            theta = diloco.apply(average)
+        else:
+            if pending is None:
+                diloco.skip()  # the first overlapped boundary has nothing to apply yet
+            else:
+                diloco.apply(pending)
+            pending, theta = average, diloco.master
+        for i, loop in enumerate(workers):
+            if overlap == "eager" and r > 1:  # our fresh pseudo-gradient in place of our stale one
+                loop.import_params(theta - outer.lr * weights[i] / sum(weights) * (delta[i] - previous[i]))
+            else:
+                loop.import_params(theta)
         if r % every == 0 or r == rounds:
             curve.append((r * h * K * 16 * 128, workers[0].evaluate(ev)))
-    return {"curve": curve, "final": curve[-1][1], "sha256": diloco.sha256()}
+    out = {"curve": curve, "final": curve[-1][1], "sha256": diloco.sha256()}
+    if pending is not None:  # as a run that goes on would: the round in flight lands one boundary later
+        out["final_at_last_boundary"] = out["final"]
+        workers[0].import_params(diloco.apply(pending))
+        out["final"] = workers[0].evaluate(ev)
+        curve[-1] = (curve[-1][0], out["final"])
+    return out
 
 
 JOBS = {"warm": job_warm, "single": job_single, "dp": job_dp, "diloco": job_diloco}

@@ -146,7 +146,7 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
 
 
 # ---------------------------------------------------------------- part 2: utilization
-def _trainer(nets: Namespaces, i: int, tmp: Path, h: int, steps: int, codec: str, run_id: str,
+def _trainer(nets: Namespaces, i: int, tmp: Path, h: int, steps: int, codec: str, overlap: str, run_id: str,
              initial: str | None) -> tuple[subprocess.Popen, Path]:
     log = tmp / f"{run_id}-{i}.log"
     cmd = [*nets.prefix(i), sys.executable, "-m", "p2p_trainer.cli", "train",
@@ -154,6 +154,7 @@ def _trainer(nets: Namespaces, i: int, tmp: Path, h: int, steps: int, codec: str
            "--host-maddrs", f"/ip4/{nets.addrs[i]}/tcp/0", "--metrics", str(tmp / f"{run_id}-{i}.jsonl"),
            "--run-id", run_id, "--max-outer-steps", str(steps), "--log.progress_bar", "false",
            "--log.eval_every", "0", "--inner.steps_per_round", str(h), "--swarm.codec", codec,
+           "--outer.overlap", overlap,
            "--swarm.min_group_size", str(len(nets.names)), "--swarm.matchmaking_timeout", "180",
            "--swarm.allreduce_timeout", "120"]
     if initial:
@@ -191,24 +192,24 @@ def utilization(metrics: Path, tokens_per_step: int, skip_rounds: int = 1) -> di
             "MB_sent_round": round(statistics.median(r.get("bytes_sent", 0) for r in rounds) / 1e6, 2)}
 
 
-def utilization_rows(nets: Namespaces, grid: list[tuple[float, int, str]], workdir: Path) -> list[dict]:
+def utilization_rows(nets: Namespaces, grid: list[tuple[float, int, str, str]], workdir: Path) -> list[dict]:
     from p2p_trainer.config import load_config
 
     cfg = load_config("configs/debug.toml")
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
     rows = []
-    for rate, h, codec in grid:
+    for rate, h, codec, overlap in grid:
         nets.shape(rate)
         steps = 4 if h <= 20 else 3
-        run_id = f"util-{int(rate)}-{h}-{codec}"
+        run_id = f"util-{int(rate)}-{h}-{codec}-{overlap}"
         before = loadavg()
         procs = []
         try:
-            p0, log0 = _trainer(nets, 0, workdir, h, steps, codec, run_id, None)
+            p0, log0 = _trainer(nets, 0, workdir, h, steps, codec, overlap, run_id, None)
             procs.append(p0)
             maddr = _wait_line(log0, "peer address:", p0)
             for i in range(1, len(nets.names)):
-                procs.append(_trainer(nets, i, workdir, h, steps, codec, run_id, maddr)[0])
+                procs.append(_trainer(nets, i, workdir, h, steps, codec, overlap, run_id, maddr)[0])
             for p in procs:
                 p.wait(timeout=1200)
         finally:
@@ -220,14 +221,21 @@ def utilization_rows(nets: Namespaces, grid: list[tuple[float, int, str]], workd
                     for i in range(len(nets.names))]
         u = min(per_peer, key=lambda r: r["util_pct"])
         rows.append({"bench": "netns", "part": "utilization (2 trainers)", "engine": "p2p-trainer",
-                     "codec": codec, "peers": len(nets.names), "link_mbit": rate, "H": h, **u,
+                     "codec": codec, "overlap": overlap, "peers": len(nets.names), "link_mbit": rate, "H": h,
+                     **u,
                      "util_pct_peers": "/".join(str(p["util_pct"]) for p in per_peer),
                      "loadavg": f"{before} / {loadavg()}"})
     return rows
 
 
-DEFAULT_GRID = [(100, 10, "int8"), (10, 10, "int8"), (10, 10, "fp32"), (2, 10, "int8"),
-                (10, 50, "int8"), (2, 50, "int8")]
+# (link Mbit/s, H, codec, outer.overlap): blocking int8 and fp32, then the same links with the round
+# overlapped, then the sparse codec beside int8 (blocking, and with overlap)
+DEFAULT_GRID = [(100, 10, "int8", "none"), (10, 10, "int8", "none"), (10, 10, "fp32", "none"),
+                (2, 10, "int8", "none"), (10, 50, "int8", "none"), (2, 50, "int8", "none"),
+                (10, 10, "int8", "eager"), (10, 50, "int8", "eager"), (2, 50, "int8", "eager"),
+                (2, 10, "int8", "eager"),
+                (10, 10, "sparse", "none"), (2, 10, "sparse", "none"), (2, 50, "sparse", "none"),
+                (2, 10, "sparse", "eager")]
 
 
 def run(numel: int = 4_000_000, rates: tuple = (None, 100), rounds: int = 5, peers: int = 2,

@@ -83,6 +83,13 @@ BENCHES = [
         True,
         "held-out loss: DiLoCo vs data parallel vs one worker, equal tokens, from a shared warm start",
     ),
+    (
+        "paired",
+        "bench.bench_paired",
+        {},
+        True,
+        "held-out loss, paired with blocking int8 DiLoCo: robust aggregation, overlap, the sparse codec",
+    ),
 ]
 
 

@@ -1,0 +1,119 @@
+"""Paired convergence runs: what robust aggregation, an overlapped outer step and the sparse codec
+cost in held-out loss against blocking int8 DiLoCo with the plain mean, all else equal.
+
+    python -m bench.bench_paired [--budget 200] [--warm 400] [--hs 10 50]
+
+The protocol of ``bench.bench_convergence`` (same warm start, model, data orders, batches and
+tokens; k=4 simulated workers over the swarm's own ``DiLoCo``, codecs and aggregation code), at
+each H's outer (lr, momentum) from that benchmark's fp32 sweep. Per H, one variable changes from the
+baseline (int8, plain mean, blocking):
+
+- ``clip``: the robust aggregation, the trainer's default (issue 11: at most +0.5%);
+- ``delayed`` / ``eager``: the overlapped outer step (issue 12: eager within 1%). The trainer's run
+  ends at its last boundary with the last phase's round not started; here the round in flight is
+  applied at the end, as a run that goes on would apply it one boundary later, and the loss at the
+  last boundary is reported beside it;
+- ``sparse``: the sparse codec (top 64 of 4096 per chunk, 2 bits, error feedback), at the H's outer
+  and at the other of Nesterov / plain averaging with error feedback alone (issue 15: within 1%).
+
+Jobs run as separate processes, two at a time, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.bench_convergence import Job, schedule
+
+# each H's best outer (lr, momentum) in bench_convergence's fp32 sweep (docs/benchmarks.md, convergence)
+BEST_OUTER = {10: (0.5, 0.5), 50: (1.0, 0.0)}
+PLAIN = (1.0, 0.0)  # plain averaging: error feedback alone, no outer momentum (as SparseLoCo)
+NESTEROV = (0.5, 0.5)
+
+VARIANTS = {  # name -> (what changes, spec fields)
+    "int8": ("baseline: int8, plain mean, blocking", {}),
+    "clip": ("robust aggregation (clip, tau 2)", {"aggregation": "clip"}),
+    "delayed": ("overlap delayed", {"overlap": "delayed"}),
+    "eager": ("overlap eager", {"overlap": "eager"}),
+    "sparse": ("sparse codec + error feedback", {"codec": "sparse"}),
+}
+
+
+def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dict) -> list[Job]:
+    jobs: list[Job] = [("warm", lambda r: [dict(base, kind="warm")], ())]
+    for h in hs:
+        lr, mom = outer[h]
+        for name, (_, fields) in VARIANTS.items():
+            if name not in variants:
+                continue
+            spec = {**base, "kind": "diloco", "H": h, "outer_lr": lr, "momentum": mom, "codec": "int8"}
+            spec.update(fields)
+            jobs.append((f"H{h}-{name}", lambda r, spec=spec: [spec], ("warm",)))
+        if "sparse-other" in variants:
+            other = PLAIN if (lr, mom) != PLAIN else NESTEROV
+            spec = dict(base, kind="diloco", H=h, outer_lr=other[0], momentum=other[1], codec="sparse")
+            jobs.append((f"H{h}-sparse-other", lambda r, spec=spec: [spec], ("warm",)))
+    return jobs
+
+
+def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slots: int = 2,
+        variants: tuple[str, ...] = (*VARIANTS, "sparse-other"), outer: tuple[float, float] | None = None,
+        warm_path: str | None = None) -> list[dict]:
+    """``outer``: one (lr, momentum) for every H instead of each H's best; ``warm_path``: a warm start
+    saved by an earlier run with the same ``warm`` (it is deterministic), not trained again."""
+    t0 = time.time()
+    work = Path(tempfile.mkdtemp(prefix="bench-paired-"))
+    base = {"budget": budget, "warm": warm, "warm_path": warm_path or str(work / "warm.pt"), "seed": 0}
+    print(f"  paired: work dir {work}", flush=True)
+    res: dict[str, dict] = {}
+    settings = {h: outer or BEST_OUTER[h] for h in hs}
+    jobs = _jobs(base, hs, variants, settings)
+    if warm_path:
+        res["warm"] = {"final": float("nan")}
+        jobs = jobs[1:]
+    schedule(jobs, work, slots, res)
+    rows = [{"bench": "paired", "H": "", "variant": f"shared warm start ({warm} steps)",
+             "eval_loss": round(res["warm"]["final"], 4)}]
+    for h in hs:
+        baseline = res[f"H{h}-int8"]["final"] if f"H{h}-int8" in res else None
+        for name in variants:
+            out = res[f"H{h}-{name}"]
+            lr, mom = settings[h]
+            what = VARIANTS[name][0] if name in VARIANTS else VARIANTS["sparse"][0]
+            if name == "sparse-other":
+                lr, mom = PLAIN if (lr, mom) != PLAIN else NESTEROV
+            row = {"bench": "paired", "H": h, "variant": what, "outer": f"{lr}/{mom}",
+                   "eval_loss": round(out["final"], 4),
+                   "vs_int8_pct": round(100 * (out["final"] / baseline - 1), 2) if baseline else ""}
+            if "final_at_last_boundary" in out:
+                row["eval_loss_at_last_boundary"] = round(out["final_at_last_boundary"], 4)
+            row["wall_s"] = out.get("wall_s")
+            rows.append(row)
+    print(f"  paired: {time.time() - t0:.0f} s; logs in {work}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=int, default=200, help="inner steps per worker after the warm start")
+    ap.add_argument("--warm", type=int, default=400, help="steps of the shared single-worker warm start")
+    ap.add_argument("--hs", type=int, nargs="+", default=[10, 50], choices=sorted(BEST_OUTER))
+    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "sparse-other"],
+                    choices=[*VARIANTS, "sparse-other"])
+    ap.add_argument("--outer", type=float, nargs=2, metavar=("LR", "MOMENTUM"),
+                    help="one outer setting for every H (default: each H's best from the convergence sweep)")
+    ap.add_argument("--warm-path", help="reuse this warm start (saved by a run with the same --warm)")
+    a = ap.parse_args(argv)
+    outer = tuple(a.outer) if a.outer else None
+    for row in run(a.budget, a.warm, tuple(a.hs), variants=tuple(a.variants), outer=outer,
+                   warm_path=a.warm_path):
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
