@@ -130,7 +130,8 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                    "link_mbit": rate or "unlimited", "round_s": round(statistics.median(times), 3),
                    "min_max_s": f"{min(times):.3f}-{max(times):.3f}"}
             if rate:
-                bound = 2 * (n - 1) / n * numel * BYTES_PER_VALUE[codec] * 8 / (rate * 1e6)
+                per_value = BYTES_PER_VALUE[codec.partition(":")[0]]  # ours: codec:aggregation
+                bound = 2 * (n - 1) / n * numel * per_value * 8 / (rate * 1e6)
                 row["wire_bound_s"] = round(bound, 3)
                 row["x_bound"] = round(row["round_s"] / bound, 2)
                 if engine == "ours":  # the bound for the bytes actually sent (headers, codebooks)
