@@ -34,6 +34,11 @@ BEST_OUTER = {10: (0.5, 0.5), 50: (1.0, 0.0)}
 PLAIN = (1.0, 0.0)  # plain averaging: error feedback alone, no outer momentum (as SparseLoCo)
 NESTEROV = (0.5, 0.5)
 
+
+def _other(outer: tuple[float, float]) -> tuple[float, float]:
+    """The sparse codec's second outer setting: plain averaging, or Nesterov where that was the H's own."""
+    return PLAIN if outer != PLAIN else NESTEROV
+
 VARIANTS = {  # name -> (what changes, spec fields)
     "int8": ("baseline: int8, plain mean, blocking", {}),
     "clip": ("robust aggregation (clip, tau 2)", {"aggregation": "clip"}),
@@ -54,7 +59,7 @@ def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dic
             spec.update(fields)
             jobs.append((f"H{h}-{name}", lambda r, spec=spec: [spec], ("warm",)))
         if "sparse-other" in variants:
-            other = PLAIN if (lr, mom) != PLAIN else NESTEROV
+            other = _other((lr, mom))
             spec = dict(base, kind="diloco", H=h, outer_lr=other[0], momentum=other[1], codec="sparse")
             jobs.append((f"H{h}-sparse-other", lambda r, spec=spec: [spec], ("warm",)))
     return jobs
@@ -85,7 +90,7 @@ def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slot
             lr, mom = settings[h]
             what = VARIANTS[name][0] if name in VARIANTS else VARIANTS["sparse"][0]
             if name == "sparse-other":
-                lr, mom = PLAIN if (lr, mom) != PLAIN else NESTEROV
+                lr, mom = _other((lr, mom))
             row = {"bench": "paired", "H": h, "variant": what, "outer": f"{lr}/{mom}",
                    "eval_loss": round(out["final"], 4),
                    "vs_int8_pct": round(100 * (out["final"] / baseline - 1), 2) if baseline else ""}
