@@ -100,14 +100,6 @@ FAULTS = {
 }
 
 
-def _honest_stream_broke(results, bad) -> bool:
-    return any(
-        r is not None
-        and any(p != bad.peer_id and why.startswith("it is gone") for p, why in r.reasons.items())
-        for r in results[:2]
-    )
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_bad_member_is_left_out_and_named(peers, fault, caplog):
@@ -121,12 +113,6 @@ def test_bad_member_is_left_out_and_named(peers, fault, caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="p2p_trainer.swarm"):
             results = st.run_round(peers, step, vectors, weights)
-            if _honest_stream_broke(results, bad):
-                # a known transport defect (bench/notes/netns.md: a stream closed right after a
-                # refusal or the last reply can be reset, and an honest member is then "gone"):
-                # one more round, so this test keeps checking what it is about
-                step = _next_step(peers)
-                results = st.run_round(peers, step, vectors, weights)
     finally:
         bad.fault = None
 
@@ -143,6 +129,24 @@ def test_bad_member_is_left_out_and_named(peers, fault, caplog):
     assert results[2] is None or torch.equal(results[2].average, expected)
     named = [rec.getMessage() for rec in caplog.records if bad.peer_id in rec.getMessage()]
     assert any("leaving out" in m for m in named), caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_refused_member_round_after_round_costs_no_honest_stream(peers):
+    """A reducer closes a stream only once its member has closed its end (``wire.finish``): closing
+    right after a refusal or a last reply let p2pd reset streams, and an honest member was then "gone"
+    in about one such round in ten (measured: 6 of 60 before the fix, 0 of 60 after)."""
+    bad = peers[2]
+    gen = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(20_011, generator=gen) for _ in peers]
+    bad.fault = faults.absurd_weight
+    try:
+        for _ in range(8):
+            results = st.run_round(peers, _next_step(peers), vectors, [700.0, 300.0, 1000.0])
+            for r in results[:2]:
+                assert r is not None and r.excluded == [bad.peer_id], r and r.reasons
+    finally:
+        bad.fault = None
 
 
 @pytest.mark.timeout(60)

@@ -304,7 +304,7 @@ class Matchmaker:
         except Exception:
             logger.exception(f"failed to answer a join request from {sender}")
         finally:
-            await wire.close(writer)
+            await wire.finish(reader, writer)  # our answer reaches a slow asker whole
 
     async def _refusal(self, member: Member, request: JoinRequest) -> str | None:
         """Why ``member`` may not join our lobby for ``request.step``, or None."""

@@ -63,7 +63,7 @@ class Observer:
             return
         self._closed = True
         try:
-            self._node.call(self._leave(), timeout=3.0, grace=math.inf)
+            self._node.call(self._leave(), timeout=15.0, grace=math.inf)
         except Exception as e:
             logger.debug(f"could not leave the swarm gracefully: {e!r}")
         self._node.shutdown()

@@ -32,6 +32,7 @@ from p2p_trainer.swarm.verify import Signer
 logger = logging.getLogger(__name__)
 
 _LEAVE_GRACE_S = 3.0  # a peer asked to leave during an all-reduce gives the round this long to finish
+_SETTLE_S = 10.0  # a leaving peer waits this long at most for the replies it still sends
 
 
 class SwarmPeer(Observer):
@@ -306,6 +307,7 @@ class SwarmPeer(Observer):
     async def _leave(self) -> None:
         if self._board.mine is not None:  # nobody should wait for us in matchmaking
             await self._board.withdraw()
+        await self._allreducer.service.settle(_SETTLE_S)  # replies still on their way to slower members
 
     def __enter__(self) -> SwarmPeer:
         return self

@@ -185,7 +185,7 @@ class ProbeServer:
         except asyncio.CancelledError:
             return
         finally:
-            await wire.close(writer)
+            await wire.finish(reader, writer)  # our answer reaches a slow asker whole
 
     async def _verdict(self, remote: str, announced: list[str]) -> ProbeReply:
         host = observed_host(remote)

@@ -62,11 +62,22 @@ class ReducerService:
         self._finished: collections.deque[str] = collections.deque()
         self._waiting: dict[str, asyncio.Future[RoundState]] = {}  # streams that came before their round
         self._streams: collections.Counter[str] = collections.Counter()
+        self._lingering = 0  # streams answered in full, whose member has not closed its end yet
+        self._settled = asyncio.Event()
 
     async def start(self, peer_id: str) -> None:
         self.peer_id = peer_id
         await self._p2p.add_binary_stream_handler(self.part_handler, self._guarded(self._handle_part))
         await self._p2p.add_binary_stream_handler(self.commit_handler, self._guarded(self._handle_commit))
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every member we answered has read our answer: a peer
+        that leaves right after its round may still have replies on their way to slower members."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._lingering:
+                    self._settled.clear()
+                    await self._settled.wait()
 
     # ---- the rounds' table ----
     def register(self, state: RoundState) -> None:
@@ -121,10 +132,15 @@ class ReducerService:
             except Exception:
                 logger.exception(f"failed to serve a stream from {sender}")
             finally:
+                self._lingering += 1
+                try:  # our last reply reaches a slow member whole
+                    await wire.finish(reader, writer, self.timeout)
+                finally:
+                    self._lingering -= 1
+                    self._settled.set()
                 self._streams[sender] -= 1
                 if not self._streams[sender]:
                     del self._streams[sender]
-                await wire.close(writer)
 
         return guarded
 

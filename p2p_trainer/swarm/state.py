@@ -156,7 +156,7 @@ class StateServer:
         finally:
             if serving:
                 self._serving.discard(sender)
-            await wire.close(writer)
+            await wire.finish(reader, writer)  # our answer reaches a slow asker whole
 
     async def _send(
         self, writer: asyncio.StreamWriter, source: StateSource, want_inner: bool, traffic: wire.Traffic

@@ -5,6 +5,7 @@ JSON headers are typed messages (``swarm.messages``), parsed with bounds where t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from hivemind.p2p import P2P
@@ -86,9 +87,32 @@ async def recv_message(
         raise FrameError(str(e)) from None
 
 
+LINGER_S = 30.0  # the longest an answering side waits for the asking side to close first
+
+
 async def close(writer: asyncio.StreamWriter) -> None:
     try:
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
     except (OSError, asyncio.TimeoutError, ConnectionError):
         pass
+
+
+async def finish(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = LINGER_S
+) -> None:
+    """Close a stream whose last word was ours once the other side has closed its end (what it still
+    sends is dropped), or after ``timeout``. p2pd answers our end's close with a libp2p Close that also
+    ends its reading, and its pipe in the other direction may turn that into a Reset; the other
+    side's daemon then drops what it still buffers of our last frames, and a slow reader (a slow
+    link, a busy process) gets a stream cut short. The asking side closes as soon as it has read
+    our answer, so waiting for that costs a fast peer nothing. A task being cancelled (we are
+    shutting down) closes at once."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return await close(writer)
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+        async with asyncio.timeout(timeout):
+            while await reader.read(1 << 16):
+                pass
+    await close(writer)
