@@ -9,8 +9,8 @@ import torch
 from p2p_trainer.codec import get_codec
 from p2p_trainer.swarm.matchmaking import Group, Member
 from p2p_trainer.swarm.messages import PartHeader
-from p2p_trainer.swarm.partition import SliceReduction, chunk_bounds, slice_bounds
-from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
+from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, slice_bounds
+from p2p_trainer.swarm.takeover import OutputChunks, RoundState, SliceAnswer, backup_plan
 from p2p_trainer.testing.swarm import reference_mean
 
 pytestmark = pytest.mark.timeout(30)
@@ -216,3 +216,40 @@ def test_takeover_rules():
     asyncio.run(scenario())
     assert backup_plan(SliceAnswer(chunks=[b"a", b"b"], gone=True), 3) == ([b"a", b"b"], "")
     assert "failed here too" in backup_plan(SliceAnswer(error="boom"), 3)[1]
+
+
+def test_the_read_ahead_window_is_bounded_in_bytes_not_only_in_chunks():
+    """A member may run ``WINDOW`` chunks ahead of the slowest, but fp32's 4 MiB chunks only 2."""
+
+    async def window_after(payload_bytes: int) -> int:
+        group = _group((A, 100.0, False), (B, 300.0, False), chunk=100)
+        reduction = SliceReduction(group, 0, (0, NUMEL), codec=CODEC, timeout=5.0, max_weight=1e9)
+        before = reduction.window
+        reduction.start(A)
+        reduction.submit(A, 0, b"\0" * payload_bytes)  # kept unread: B has not sent chunk 0
+        ahead = asyncio.ensure_future(reduction.may_read(reduction.window))
+        await asyncio.sleep(0.05)
+        assert before == WINDOW and not ahead.done()  # beyond the window: A's stream is not read
+        ahead.cancel()
+        return reduction.window
+
+    assert asyncio.run(window_after(1 << 20)) == WINDOW  # int8's 1 MiB chunks
+    assert asyncio.run(window_after(4 << 20)) == 2  # fp32's 4 MiB chunks
+    assert asyncio.run(window_after(64 << 20)) == 2  # never below 2: reading and reducing overlap
+
+
+def test_a_lossless_codec_s_chunks_are_held_as_the_output_they_decoded_to():
+    values = torch.randn(NUMEL, generator=torch.Generator().manual_seed(5))
+    bounds = chunk_bounds(NUMEL, 300)
+    payloads = [CODEC.encode(values[lo:hi]) for lo, hi in bounds]
+    out = torch.empty(NUMEL)
+    held = OutputChunks(CODEC, out, bounds)
+    for (lo, hi), payload in zip(bounds, payloads, strict=True):
+        CODEC.decode_into(payload, out[lo:hi])
+        held.append(payload)
+    assert CODEC.lossless and len(held) == len(bounds)
+    assert list(held) == payloads and held[1] == payloads[1]  # the very bytes, for a takeover or re-check
+    with pytest.raises(IndexError):
+        held[len(bounds)]
+    held.clear()
+    assert list(held) == []

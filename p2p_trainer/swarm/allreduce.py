@@ -12,7 +12,7 @@ gone is ``takeover``. Replies are tagged frames: a chunk, or a message (a traile
 Everything read from a peer is bounded: headers are typed messages, frames have a size cap, a peer
 gets at most ``_STREAMS_PER_PEER`` concurrent streams here, parts of unknown groups wait in a small
 table of their own (they can never push a running round out), and a reducer buffers at most
-``partition.WINDOW`` chunks per member.
+``partition.WINDOW`` chunks (``WINDOW_BYTES``) per member.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from p2p_trainer.swarm.partition import (
     slice_bounds,
 )
 from p2p_trainer.swarm.reducer import ReducerService, expected_commits
-from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
+from p2p_trainer.swarm.takeover import OutputChunks, RoundState, SliceAnswer, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verdict, verifier_of
 
 logger = logging.getLogger(__name__)
@@ -682,6 +682,8 @@ class _Replies:
             if out is not None
             else empty_f32(max((hi - lo for lo, hi in self.bounds), default=0))
         )
+        if out is not None and getattr(codec, "lossless", False) and not answer.chunks:
+            answer.chunks = OutputChunks(codec, out, self.bounds)  # no second copy of the slice
         self._hash = hashlib.sha256()
         for chunk in answer.chunks:
             self._hash.update(chunk)

@@ -9,8 +9,9 @@ collects every member's part of each chunk (``SliceReduction``); as soon as a ch
 its bytes go to every member while later chunks are still arriving. A member that sends something
 wrong, or nothing in time, is left out of the rest of the slice, named, with the reason.
 
-Memory: a fast member may run at most ``WINDOW`` chunks ahead of the slowest; beyond that its stream
-is not read (TCP holds it back), so a reducer buffers at most ``WINDOW`` encoded chunks per member.
+Memory: a fast member may run at most ``WINDOW`` chunks, and about ``WINDOW_BYTES`` of them (never
+under 2 chunks), ahead of the slowest; beyond that its stream is not read (TCP holds it back), so a
+reducer buffers that much per member whatever the codec's bytes per value.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
 logger = logging.getLogger(__name__)
 
 WINDOW = 4  # chunks a member's stream may run ahead of the slice's slowest member
+WINDOW_BYTES = 8 << 20  # ... and at most about these many bytes of them (fp32 chunks: 2 of 4 MiB)
 
 
 def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
@@ -203,6 +205,7 @@ class SliceReduction:
         self.excluded: dict[str, str] = {}
         self.clipped: dict[str, float] = {}  # member -> smallest share of its deviation kept
         self.payloads: list[dict[str, bytes | bytearray]] = [{} for _ in self.chunks]
+        self._largest = 0  # the largest part of a chunk seen: what the read-ahead window is sized by
         self.totals: list[float] = []
         self.done = first_chunk  # chunks reduced so far (a takeover may start where the lost reducer stopped)
         self._changed = asyncio.Event()
@@ -250,9 +253,14 @@ class SliceReduction:
         lo, hi = self.chunks[chunk]
         return 8 * (hi - lo) + (1 << 16)  # more than any codec needs; refuses absurd lengths
 
+    @property
+    def window(self) -> int:
+        """Chunks a member may run ahead of the slowest (see ``WINDOW_BYTES``)."""
+        return max(2, min(WINDOW, WINDOW_BYTES // max(self._largest, 1)))
+
     async def may_read(self, chunk: int) -> None:
-        """Wait until reading ``chunk`` of a member keeps it within ``WINDOW`` chunks of the slowest."""
-        while chunk >= self.done + WINDOW and not self.trailer.done():
+        """Wait until reading ``chunk`` of a member keeps it within ``window`` chunks of the slowest."""
+        while chunk >= self.done + self.window and not self.trailer.done():
             self._changed.clear()
             await self._changed.wait()
 
@@ -260,6 +268,7 @@ class SliceReduction:
         """``sender``'s encoded part of ``chunk`` (decoded and checked when the chunk is reduced)."""
         if sender in self.expected and chunk >= self.done:
             self.payloads[chunk][sender] = payload
+            self._largest = max(self._largest, len(payload))
             if chunk == len(self.chunks) - 1:
                 self.arrived.setdefault(sender, time.monotonic() - self.started)
             self._changed.set()
