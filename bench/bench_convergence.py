@@ -195,12 +195,16 @@ def job_diloco(spec: dict) -> dict:
     rounds, every = budget // h, max(1, 50 // h)
     curve = [(0, workers[0].evaluate(ev))]
     pending = None  # overlap: the average of the round in flight, applied at the next boundary
+    start: list = [None] * K  # overlap eager: where each worker's phase started
     for r in range(1, rounds + 1):
-        parts, previous = [], list(delta)
+        parts = []
         for i, (loop, stream) in enumerate(zip(workers, streams, strict=True)):
             for _ in range(h):
                 loop.step(stream.next_batch())
-            delta[i] = diloco.pseudo_gradient(loop.export_params())
+            if start[i] is not None:  # eager: the phase's own progress, from where it started
+                delta[i] = start[i] - loop.export_params()
+            else:
+                delta[i] = diloco.pseudo_gradient(loop.export_params())
             part = delta[i] + residual[i] if ef and residual[i] is not None else delta[i]
             if ef:  # what the codec does not send of our part carries into the next round
                 residual[i] = part - _sent(part, codec, K)
@@ -215,8 +219,9 @@ def job_diloco(spec: dict) -> dict:
                 diloco.apply(pending)
             pending, theta = average, diloco.master
         for i, loop in enumerate(workers):
-            if overlap == "eager" and r > 1:  # our fresh pseudo-gradient in place of our stale one
-                loop.import_params(theta - outer.lr * weights[i] / sum(weights) * (delta[i] - previous[i]))
+            if overlap == "eager":  # θ moved on by our pseudo-gradient in flight, at the outer lr
+                start[i] = theta - outer.lr * delta[i]
+                loop.import_params(start[i])
             else:
                 loop.import_params(theta)
         if r % every == 0 or r == rounds:

@@ -3,7 +3,7 @@
 Each rank holds its share (see ``shards``) of θ's fp32 master copy and of the outer momentum: 8
 bytes per value it holds, on the CPU (pinned with CUDA), and nothing of the other ranks'. Only what
 a mode needs comes on top: error feedback's residual and what the codec sent (4 + 4 bytes), and an
-overlapped round's snapshot of the pseudo-gradient (4 bytes, 8 with eager updates). Rank 0 sees the
+overlapped round's snapshot of the pseudo-gradient (4 bytes). Rank 0 sees the
 canonical vector one window at a time through the ``pump``: the all-reduce reads our part of a
 window (computed where it lives, θ minus the model's own rows), the averaged pseudo-gradient goes
 back window by window and every rank takes the outer step on its values, hashes and the states
@@ -56,7 +56,7 @@ class OuterState:
         self.sent: torch.Tensor | None = None  # what our part of the round in progress decodes to
         self.part: torch.Tensor | None = None  # an overlapped round's part (None: computed when read)
         self.delta: torch.Tensor | None = None  # our latest pseudo-gradient (overlap)
-        self.prev_delta: torch.Tensor | None = None  # the one before it (eager updates)
+        self.carried = 0.0  # eager: the share of ``delta`` the model started this phase with
         self.lock = threading.RLock()
         self.version = 0
         self.pump = self._pump()
@@ -77,14 +77,14 @@ class OuterState:
         pump.provide("skip", call=lambda _: d.skip())
         pump.provide("ef_blocking", call=lambda _: self._ef_blocking())
         pump.provide("ef_overlap", call=lambda ok: self._ef_overlap(bool(ok)))
-        pump.provide("snapshot", call=lambda eager: self._snapshot(bool(eager)))
+        pump.provide("snapshot", call=lambda _: self._snapshot())
         return pump.start()
 
     def nbytes(self) -> int:
         """Bytes of outer state this rank holds now (its shares of θ, the momentum and whatever
         the mode keeps beside them)."""
         d = self.diloco
-        held = (d.master, d.momentum, self.residual, self.sent, self.part, self.delta, self.prev_delta)
+        held = (d.master, d.momentum, self.residual, self.sent, self.part, self.delta)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def close(self) -> None:
@@ -138,10 +138,14 @@ class OuterState:
         self.residual = self.part - self.sent if ok and self.sent is not None else self.part
         self.sent = None
 
-    def _snapshot(self, eager: bool) -> None:
-        """An overlapped round starts: our pseudo-gradient (and the residual) as its part."""
-        self.prev_delta = self.delta if eager else None
-        self.delta = self._pseudo_gradient()
+    def _snapshot(self) -> None:
+        """An overlapped round starts: our pseudo-gradient (and the residual) as its part. It is
+        this phase's own progress, from where the phase started: with eager updates that was θ
+        minus a share of the last pseudo-gradient (``to_model``), which is not sent twice."""
+        delta = self._pseudo_gradient()
+        if self.carried and self.delta is not None:
+            delta.sub_(self.delta, alpha=self.carried)
+        self.delta, self.carried = delta, 0.0
         if self.error_feedback and self.residual is not None:
             self.part, self.residual = self.delta + self.residual, None
         else:
@@ -260,7 +264,7 @@ class OuterState:
             self._read_own(file, "momentum", self._write_momentum)
         d.started, d.outer_step = file.has("momentum"), file.outer_step
         # an overlapped round still in flight keeps reading its part; it is never applied
-        self.residual = self.delta = self.prev_delta = self.sent = None
+        self.residual = self.delta = self.sent = None
         if residual and self.error_feedback and file.has("residual"):
             self._read_own(file, "residual", self._write_residual)
         if inner and file.has_inner:
@@ -281,11 +285,12 @@ class OuterState:
                 )
 
     def to_model(self, eager: float = 0.0) -> None:
-        """Every rank: θ (or, with ``eager``, θ moved by our fresh pseudo-gradient in place of the
-        previous one, at that factor) into this rank's rows of the model."""
+        """Every rank: θ into this rank's rows of the model; with ``eager``, θ moved on by that
+        share of our pseudo-gradient in flight (the next snapshot measures from there)."""
         source = self.diloco.master
-        if eager and self.delta is not None and self.prev_delta is not None:
-            source = source - eager * (self.delta - self.prev_delta)
+        self.carried = eager if self.delta is not None else 0.0
+        if self.carried:
+            source = source - self.carried * self.delta
         scatter_share(self.layout, self.ranks.rank, source, self._model_views())
 
     # ---- the last outer state that trained (see ``guard``): on disk, not in memory ----
@@ -300,7 +305,7 @@ class OuterState:
         if self._good is None:
             return None
         self.diloco.load_state_dict(torch.load(self._good, weights_only=True))
-        self.residual = self.part = self.delta = self.prev_delta = self.sent = None
+        self.residual = self.part = self.delta = self.sent = None
         if self.ranks.leader:
             self.version += 1
         return self.diloco.outer_step

@@ -11,10 +11,13 @@ Overlap (``outer.overlap``). ``none``: the round blocks, as in DiLoCo. ``delayed
 step s runs in the background while the inner steps of step s+1 compute, and its average is applied
 one boundary later; the next inner phase starts from θ as it then is (its own last phase is in
 flight). ``eager`` (after Kale et al. 2025, "eager updates"): the same, but the next phase starts
-from θ moved by this peer's own fresh pseudo-gradient in place of its stale one (its token share of
-the difference, at the outer learning rate): a local look-ahead; θ itself, the master copy every
-peer holds, only ever takes the all-reduced averages, so replicas stay bit-identical. With overlap
-the outer step advances at every boundary; a failed round applies nothing (that round is lost).
+from θ moved on by this peer's own pseudo-gradient in flight, at the outer learning rate, and the
+next pseudo-gradient is measured from that start, so the phase does not learn again what the round
+in flight carries, and nothing is sent twice. That look-ahead is local: θ itself, the master copy
+every peer holds, only ever takes the all-reduced averages, so replicas stay bit-identical.
+(Measuring from θ instead, as the paper does, cost 5-6% held-out loss here: bench/notes/paired.md.)
+With overlap the outer step advances at every boundary; a failed round applies nothing (that round
+is lost).
 
 Error feedback (``outer.error_feedback``): what the codec did not send of our pseudo-gradient (our
 part minus what it decodes to) is added to the next round's, so quantization or sparsification
@@ -54,7 +57,7 @@ class RoundReport:
     params_finite: bool = True
     error: str = ""  # why the round failed ("" with nothing to apply yet: the first overlapped one)
     advanced: bool = False  # the outer step moved on (always with overlap; with none only if applied)
-    eager: float = 0.0  # eager updates: the factor of our own look-ahead (see ``OuterState.to_model``)
+    eager: float = 0.0  # eager updates: the share of our pseudo-gradient in flight the model starts with
 
 
 @dataclass
@@ -160,14 +163,16 @@ class OuterSync:
         result = previous.round.result() if previous is not None else None  # had a whole phase to finish
         if previous is not None and self.error_feedback:  # a failed round's whole part carries over
             pump.call("ef_overlap", float(result is not None))
-        pump.call("snapshot", float(self.overlap == "eager"))  # this round's part: θ minus the model
+        pump.call("snapshot")  # this round's part: the model's progress since this phase began
         if not last:
             pending = self._all_reduce(outer_step, weight, background=True)
             self._in_flight = _InFlight(outer_step, pending, weight)
+        # eager: the next phase starts from θ moved on by our own pseudo-gradient in flight, at the
+        # outer learning rate, as the outer step would move θ if we were alone
+        eager = self.outer_lr if self.overlap == "eager" and not last else 0.0
         if result is not None and previous.step == outer_step - 1:
             report = self._apply(result)
-            if self.overlap == "eager":  # our fresh pseudo-gradient in place of our stale one
-                report.eager = self.outer_lr * previous.weight / max(result.total_weight, 1e-30)
+            report.eager = eager
             return report
         with state.lock:
             pump.call("skip")
@@ -176,7 +181,7 @@ class OuterSync:
                 state.commit()
         self.committed_inner_step = self.inner.step_count
         why = self.swarm.last_error if previous is not None else ""
-        return RoundReport(False, {}, self.diloco.committed_sha256, error=why, advanced=True)
+        return RoundReport(False, {}, self.diloco.committed_sha256, error=why, advanced=True, eager=eager)
 
     def _apply(self, result: RoundResult, ef: str | None = None) -> RoundReport:
         """Leader: the outer step with the round's average, window by window on every rank."""

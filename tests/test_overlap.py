@@ -1,7 +1,7 @@
 """The overlapped outer step and error feedback, on real swarm peers (127.0.0.1) with real inner
 loops: the round of step s runs while step s+1's inner steps compute, its average lands one boundary
-late, the masters stay bit-identical, ``eager`` starts each peer from its own look-ahead, and error
-feedback keeps what the codec did not send."""
+late, the masters stay bit-identical, ``eager`` starts each peer from its own look-ahead and measures
+the next pseudo-gradient from there, and error feedback keeps what the codec did not send."""
 
 import threading
 
@@ -40,12 +40,13 @@ def _outer(peer, overlap: str, error_feedback: bool = False) -> OuterSync:
 def _boundary(peers, outers, step, seed, *, last=False):
     """A few inner steps on each peer, then both sync at once (as two processes would)."""
     st.announce_step(peers, step)
-    reports = [None, None]
+    reports, ends = [None, None], [None, None]
 
     def one(i):
         gen = torch.Generator().manual_seed(seed * 10 + i)
         for _ in range(3):
             outers[i].inner.step(torch.randint(0, 50, (4, MODEL.seq_len + 1), generator=gen))
+        ends[i] = outers[i].inner.export_params()
         reports[i] = outers[i].sync(step, 1000.0, last=last)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
@@ -53,27 +54,33 @@ def _boundary(peers, outers, step, seed, *, last=False):
         t.start()
     for t in threads:
         t.join(60)
-    return reports
+    return reports, ends
 
 
 @pytest.mark.parametrize("overlap", ["delayed", "eager"])
 def test_the_average_lands_one_boundary_late_and_the_masters_stay_identical(peers, overlap):
     outers = [_outer(p, overlap) for p in peers]
     base = 10 if overlap == "delayed" else 20
-    masters = []
+    masters, started = [], None
     for k in range(4):
-        reports = _boundary(peers, outers, base + k, k, last=k == 3)
+        reports, ends = _boundary(peers, outers, base + k, k, last=k == 3)
+        if overlap == "eager" and k > 0:  # the round's part is the phase's progress from where it began
+            for o, s, e in zip(outers, started, ends, strict=True):
+                assert torch.allclose(o.state.delta, s - e, atol=1e-6)
         assert all(r.advanced for r in reports) and all(o.diloco.outer_step == k + 1 for o in outers)
         assert all(r.applied == (k > 0) for r in reports), (k, [r.error for r in reports])
         assert torch.equal(outers[0].diloco.master, outers[1].diloco.master)
         assert outers[0].diloco.committed_sha256 == outers[1].diloco.committed_sha256
         masters.append(outers[0].diloco.master.clone())
         started = [o.inner.export_params() for o in outers]
-        if overlap == "delayed" or k == 0:  # the next phase starts from θ itself
-            assert all(torch.equal(s, outers[0].diloco.master) for s in started)
-        else:  # eager: each peer from its own look-ahead near θ
+        master = outers[0].diloco.master
+        if overlap == "delayed" or k == 3:  # from θ itself (the last boundary starts no round)
+            assert all(torch.equal(s, master) for s in started)
+        else:  # eager: θ moved on by the peer's own pseudo-gradient in flight, at the outer lr
             assert not torch.equal(started[0], started[1])
-            assert all(0 < float((s - outers[0].diloco.master).norm()) for s in started)
+            for o, s in zip(outers, started, strict=True):
+                assert torch.allclose(s, master - o.outer_lr * o.state.delta, atol=1e-7)
+                assert float(o.state.delta.norm()) > 0
     assert torch.equal(masters[0], outers[0].diloco.master) is False
     assert outers[0]._in_flight is None  # the last boundary started no round it could never apply
 
@@ -81,7 +88,7 @@ def test_the_average_lands_one_boundary_late_and_the_masters_stay_identical(peer
 def test_error_feedback_keeps_what_the_codec_did_not_send(peers):
     outers = [_outer(p, "none", error_feedback=True) for p in peers]
     for k in range(2):
-        reports = _boundary(peers, outers, 40 + k, k)
+        reports, _ = _boundary(peers, outers, 40 + k, k)
         assert all(r.applied for r in reports)
         for o in outers:  # int8 rounds what it sends: the residual is that rounding, small but not zero
             assert o.residual is not None and 0 < float(o.residual.abs().max()) < 1e-2
