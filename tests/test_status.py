@@ -30,7 +30,7 @@ from p2p_trainer.swarm.procs import alive, command_line, descendants
 from p2p_trainer.swarm.progress import ProgressBoard
 from p2p_trainer.swarm.records import ProgressRecord
 from tests.e2e import LOOPBACK, cli, start, train_args, wait_for_line
-from tests.volunteers import ROUND_ARGS, free_port, peer_id_of, plan_first_peer, stop_all, wait_until
+from tests.volunteers import ROUND_ARGS, TINY_MODEL, free_port, peer_id_of, plan_first_peer, stop_all, wait_until
 
 QUERIES = {"text": [], "json": ["--json"], "no_run": ["--run-id", "nobody-runs-this"]}
 ANSWER_WITHIN_S = 60  # about 5 s on an idle machine (importing torch is most of it); CI machines are busy
@@ -54,7 +54,7 @@ class StatusRun:
 def status_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("status")
     first, maddr = plan_first_peer(tmp, "full")
-    common = (*ROUND_ARGS, "--swarm.min_group_size", "2")
+    common = (*ROUND_ARGS, *TINY_MODEL, "--swarm.min_group_size", "2")
     procs = {
         "full": start(train_args(tmp, "full", *first, *common), tmp / "full.log"),
         "client": start(train_args(tmp, "client", "--initial-peers", maddr, "--client-mode",
@@ -201,7 +201,7 @@ def test_json_shows_the_run_and_its_peers(status_run):
     s = json.loads(out)
     assert s["found"] and s["run_id"] == "p2p-debug"  # the default run id: no --run-id given
     fp = s["fingerprint"]
-    assert fp["run_id"] == "p2p-debug" and fp["codec"] == "int8" and fp["model"]["hidden_size"] == 192
+    assert fp["run_id"] == "p2p-debug" and fp["codec"] == "int8" and fp["model"]["hidden_size"] == 64
     assert s["fingerprint_sha256"] == hashlib.sha256(canonical_fingerprint(fp).encode()).hexdigest()
     peers = {p["peer_id"]: p for p in s["peers"]}
     assert set(peers) == set(ids.values())

@@ -98,6 +98,8 @@ def test_resume_continues_from_checkpoint(lone_run):
             "--resume",
             "--log.eval_every",
             "0",
+            "--inner.steps_per_round",  # one short phase is enough to show the run goes on
+            "3",
         ),
         tmp / "resume.log",
         threads=2,
