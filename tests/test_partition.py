@@ -10,7 +10,7 @@ from p2p_trainer.codec import get_codec
 from p2p_trainer.swarm.matchmaking import Group, Member
 from p2p_trainer.swarm.messages import PartHeader
 from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, slice_bounds
-from p2p_trainer.swarm.takeover import OutputChunks, RoundState, SliceAnswer, backup_plan
+from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.testing.swarm import reference_mean
 
 pytestmark = pytest.mark.timeout(30)
@@ -237,19 +237,3 @@ def test_the_read_ahead_window_is_bounded_in_bytes_not_only_in_chunks():
     assert asyncio.run(window_after(4 << 20)) == 2  # fp32's 4 MiB chunks
     assert asyncio.run(window_after(64 << 20)) == 2  # never below 2: reading and reducing overlap
 
-
-def test_a_lossless_codec_s_chunks_are_held_as_the_output_they_decoded_to():
-    values = torch.randn(NUMEL, generator=torch.Generator().manual_seed(5))
-    bounds = chunk_bounds(NUMEL, 300)
-    payloads = [CODEC.encode(values[lo:hi]) for lo, hi in bounds]
-    out = torch.empty(NUMEL)
-    held = OutputChunks(CODEC, out, bounds)
-    for (lo, hi), payload in zip(bounds, payloads, strict=True):
-        CODEC.decode_into(payload, out[lo:hi])
-        held.append(payload)
-    assert CODEC.lossless and len(held) == len(bounds)
-    assert list(held) == payloads and held[1] == payloads[1]  # the very bytes, for a takeover or re-check
-    with pytest.raises(IndexError):
-        held[len(bounds)]
-    held.clear()
-    assert list(held) == []

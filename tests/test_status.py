@@ -30,7 +30,15 @@ from p2p_trainer.swarm.procs import alive, command_line, descendants
 from p2p_trainer.swarm.progress import ProgressBoard
 from p2p_trainer.swarm.records import ProgressRecord
 from tests.e2e import LOOPBACK, cli, start, train_args, wait_for_line
-from tests.volunteers import ROUND_ARGS, TINY_MODEL, free_port, peer_id_of, plan_first_peer, stop_all, wait_until
+from tests.volunteers import (
+    ROUND_ARGS,
+    TINY_MODEL,
+    free_port,
+    peer_id_of,
+    plan_first_peer,
+    stop_all,
+    wait_until,
+)
 
 QUERIES = {"text": [], "json": ["--json"], "no_run": ["--run-id", "nobody-runs-this"]}
 ANSWER_WITHIN_S = 60  # about 5 s on an idle machine (importing torch is most of it); CI machines are busy

@@ -12,7 +12,6 @@ _LE_F32 = np.dtype("<f4")
 
 class Fp32Codec:
     name = "fp32"
-    lossless = True  # encode(decode(payload)) == payload: a decoded chunk is its own copy
 
     def encode(self, x: torch.Tensor) -> bytes:
         check_input(x)

@@ -55,7 +55,7 @@ from p2p_trainer.swarm.partition import (
     slice_bounds,
 )
 from p2p_trainer.swarm.reducer import ReducerService, expected_commits
-from p2p_trainer.swarm.takeover import OutputChunks, RoundState, SliceAnswer, backup_plan
+from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verdict, verifier_of
 
 logger = logging.getLogger(__name__)
@@ -682,8 +682,6 @@ class _Replies:
             if out is not None
             else empty_f32(max((hi - lo for lo, hi in self.bounds), default=0))
         )
-        if out is not None and getattr(codec, "lossless", False) and not answer.chunks:
-            answer.chunks = OutputChunks(codec, out, self.bounds)  # no second copy of the slice
         self._hash = hashlib.sha256()
         for chunk in answer.chunks:
             self._hash.update(chunk)

@@ -24,39 +24,11 @@ from p2p_trainer.swarm.partition import SliceReduction
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool
 
 
-class OutputChunks:
-    """A slice's averaged chunks as a list whose bytes live in the output they decoded to: a
-    lossless codec (fp32: the payload is the values) encodes them to the same bytes again, so a
-    member keeps no second copy of the whole vector for the rare takeover or re-check that reads
-    them. Read a chunk only once it is decoded (the answer is complete)."""
-
-    def __init__(self, codec, out, bounds: list[tuple[int, int]]) -> None:
-        self.codec, self.out, self.bounds, self.count = codec, out, bounds, 0
-
-    def append(self, reply: bytes) -> None:  # its values go into ``out`` (``_Replies``)
-        self.count += 1
-
-    def clear(self) -> None:
-        self.count = 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, c: int) -> bytes:
-        if not 0 <= c < self.count:
-            raise IndexError(c)
-        lo, hi = self.bounds[c]
-        return self.codec.encode(self.out[lo:hi])
-
-    def __iter__(self):
-        return (self[c] for c in range(self.count))
-
-
 @dataclass
 class SliceAnswer:
     """What the reducer of a slice gave this member, once its exchange with it ended."""
 
-    chunks: list[bytes] | OutputChunks = field(default_factory=list)  # averaged chunks received, in order
+    chunks: list[bytes] = field(default_factory=list)  # averaged chunks received, in order
     trailer: SliceTrailer | None = None  # set when the slice completed
     gone: bool = False  # the reducer was found gone (stream broke, or silence)
     error: str = ""  # the reducer answered with an error
