@@ -2,10 +2,10 @@
 and downloading the training state, and the ``SwarmPeer`` facade that is all ``run.py`` uses."""
 
 from p2p_trainer.contracts import RoundResult
-from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
 from p2p_trainer.swarm.errors import MultiaddrError, RoundFailed, SwarmError
 from p2p_trainer.swarm.node import Interrupted
 from p2p_trainer.swarm.observer import Observer
+from p2p_trainer.swarm.parts import Fault, OutgoingPart
 from p2p_trainer.swarm.peer import SwarmPeer
 from p2p_trainer.swarm.records import ProgressRecord, swarm_outer_step
 from p2p_trainer.swarm.state import Download, StateMoved, StateSource, TrainingState

@@ -18,13 +18,10 @@ table of their own (they can never push a running round out), and a reducer buff
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -38,7 +35,6 @@ from p2p_trainer.swarm.messages import (
     Accusation,
     CommitPost,
     CommitReply,
-    PartHeader,
     ProtocolError,
     ReduceRefusal,
     Seal,
@@ -54,36 +50,12 @@ from p2p_trainer.swarm.partition import (
     part_weights,
     slice_bounds,
 )
+from p2p_trainer.swarm.parts import Fault, OutgoingPart, Payloads, Replies
 from p2p_trainer.swarm.reducer import ReducerService, expected_commits
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verdict, verifier_of
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OutgoingPart:
-    """One part as it is about to leave its sender: the fault-injection seam for tests."""
-
-    slice_index: int
-    reducer: str
-    source: VectorSource  # the sender's slice of the vector, read chunk by chunk as it is sent
-    weight: float
-    delay_s: float = 0.0  # sleep this long before sending
-    # (encoded chunk, its values) -> the bytes that go on the wire instead
-    corrupt: Callable[[bytes, torch.Tensor], bytes] | None = None
-    outer_step: int = 0  # the round it belongs to
-
-    @property
-    def values(self) -> torch.Tensor:
-        """The whole slice at once (for a fault hook; sending reads it chunk by chunk)."""
-        return self.source.read(0, self.source.numel)
-
-    def with_values(self, values: torch.Tensor) -> OutgoingPart:
-        return replace(self, source=TensorVector(values))
-
-
-Fault = Callable[[OutgoingPart], OutgoingPart]
 
 
 class _ReducerLost(Exception):
@@ -387,13 +359,15 @@ class AllReducer:
         if part.delay_s > 0:
             await asyncio.sleep(part.delay_s)
         checked = index in checked_slices(state.group.group_id, len(state.group.reducers), self.recheck)
-        payloads = _Payloads(self, part, chunk_bounds(values.numel, state.group.chunk), 1 + checked, sent)
+        payloads = Payloads(
+            self.codec, part, chunk_bounds(values.numel, state.group.chunk), 1 + checked, sent
+        )
         if checked:
             self._spawn(self._send_check(state, index, payloads))
         answer = SliceAnswer(server=reducer)
         try:
             if reducer == self.peer_id:
-                replies = _Replies(self.codec, out, payloads, answer)
+                replies = Replies(self.codec, out, payloads, answer)
                 await self._reduce_here(state.reduction, payloads, replies)
             else:
                 await self._send(state, reducer, part, payloads, out, answer, takeover=False)
@@ -420,7 +394,7 @@ class AllReducer:
         state.final[index] = answer
         return answer.trailer
 
-    async def _reduce_here(self, reduction: SliceReduction, payloads: _Payloads, replies: _Replies) -> None:
+    async def _reduce_here(self, reduction: SliceReduction, payloads: Payloads, replies: Replies) -> None:
         """Our own part of a slice we reduce, without the network; its averaged chunks from
         ``replies.held`` on (a takeover may already hold the lost reducer's first ones)."""
         bad = reduction.check(self.peer_id, payloads.header(reduction.group, reduction.index))
@@ -449,7 +423,7 @@ class AllReducer:
         state: RoundState,
         reducer: str,
         part: OutgoingPart,
-        payloads: _Payloads,
+        payloads: Payloads,
         out: torch.Tensor | None,
         answer: SliceAnswer,
         *,
@@ -473,7 +447,7 @@ class AllReducer:
         self,
         state: RoundState,
         reducer: str,
-        payloads: _Payloads,
+        payloads: Payloads,
         out: torch.Tensor | None,
         answer: SliceAnswer,
         takeover: bool,
@@ -483,7 +457,7 @@ class AllReducer:
         )
         sending = None
         answer.chunks.clear()  # a takeover replaces whatever the lost reducer sent
-        replies = _Replies(self.codec, out, payloads, answer)
+        replies = Replies(self.codec, out, payloads, answer)
         try:
             header = payloads.header(state.group, payloads.part.slice_index, takeover=takeover)
             await wire.send_message(writer, header, state.traffic)
@@ -518,12 +492,12 @@ class AllReducer:
             await wire.close(writer)
 
     async def _send_chunks(
-        self, writer: asyncio.StreamWriter, payloads: _Payloads, traffic: wire.Traffic
+        self, writer: asyncio.StreamWriter, payloads: Payloads, traffic: wire.Traffic
     ) -> None:
         async for _, payload in payloads:
             await wire.send_frame(writer, payload, traffic)
 
-    async def _send_check(self, state: RoundState, index: int, payloads: _Payloads) -> None:
+    async def _send_check(self, state: RoundState, index: int, payloads: Payloads) -> None:
         """A copy of our part of slice ``index`` for its verifier (see ``verify``); best effort."""
         verifier = verifier_of(state.group, index)
         header = payloads.header(state.group, index).model_copy(update={"check": True})
@@ -546,7 +520,7 @@ class AllReducer:
             logger.info(f"round {state.group.outer_step}: copy of slice {index} for {verifier} failed: {e!r}")
 
     async def _take_over(
-        self, state: RoundState, index: int, part: OutgoingPart, payloads: _Payloads, out: torch.Tensor | None
+        self, state: RoundState, index: int, part: OutgoingPart, payloads: Payloads, out: torch.Tensor | None
     ) -> SliceAnswer:
         """Our part of slice ``index``, whose reducer is gone, goes to the next live reducer instead."""
         step, lost = state.group.outer_step, state.group.reducers[index]
@@ -577,7 +551,7 @@ class AllReducer:
         self,
         state: RoundState,
         index: int,
-        payloads: _Payloads,
+        payloads: Payloads,
         out: torch.Tensor | None,
         answer: SliceAnswer,
     ) -> None:
@@ -586,7 +560,7 @@ class AllReducer:
         known, error = backup_plan(mine, index)
         if error:
             raise RoundFailed(f"round {state.group.outer_step}: backup reducer of slice {index}: {error}")
-        replies = _Replies(self.codec, out, payloads, answer)
+        replies = Replies(self.codec, out, payloads, answer)
         try:
             for reply in known:
                 await replies.add(reply)
@@ -607,127 +581,6 @@ def _encoded(state: RoundState) -> list[tuple[int, int, bytes]]:
         for (a, b), payload in zip(chunk_bounds(hi - lo, state.group.chunk), chunks, strict=True):
             found.append((lo + a, lo + b, bytes(payload)))
     return found
-
-
-class _Payloads:
-    """The encoded chunks of one outgoing part: each encoded once for the ``readers`` that stream
-    all of them (the send, a re-check copy), the next one while the current one goes out, and
-    dropped once every reader has it (a takeover's resend encodes it again: the same bytes);
-    corrupted by the fault hook if there is one."""
-
-    def __init__(
-        self,
-        reducer: AllReducer,
-        part: OutgoingPart,
-        bounds: list[tuple[int, int]],
-        readers: int = 1,
-        sent: VectorSink | None = None,
-    ) -> None:
-        self.codec, self.part, self.bounds, self.readers = reducer.codec, part, bounds, readers
-        self.sent = sent  # where to decode what we send (for error feedback), if anywhere
-        self._encoded: dict[int, asyncio.Future[bytes]] = {}
-        self._taken = [0] * len(bounds)
-
-    def header(self, group: Group, index: int, *, takeover: bool = False) -> PartHeader:
-        return PartHeader(
-            group_id=group.group_id,
-            group_digest=group.digest,
-            slice=index,
-            weight=self.part.weight,
-            numel=self.part.source.numel,
-            takeover=takeover,
-        )
-
-    def max_reply(self, c: int) -> int:
-        lo, hi = self.bounds[c]
-        return 8 * (hi - lo) + (1 << 16)
-
-    def _encode(self, c: int) -> asyncio.Future[bytes]:
-        if c not in self._encoded:
-            lo, hi = self.bounds[c]
-
-            def encode() -> bytes:
-                values = self.part.source.read(lo, hi)  # off the event loop: it may ask other ranks
-                payload = self.codec.encode(values)
-                if self.sent is not None:
-                    self.sent.write(lo, hi, self.codec.decode(payload, hi - lo))
-                return self.part.corrupt(payload, values) if self.part.corrupt else payload
-
-            self._encoded[c] = asyncio.get_running_loop().run_in_executor(None, encode)
-        return self._encoded[c]
-
-    async def __aiter__(self) -> AsyncIterator[tuple[int, bytes]]:
-        for c in range(len(self.bounds)):
-            payload = await self._encode(c)
-            if c + 1 < len(self.bounds):
-                self._encode(c + 1)  # encode the next chunk while this one goes out
-            self._taken[c] += 1
-            if self._taken[c] >= self.readers:
-                self._encoded.pop(c, None)
-            yield c, payload
-
-
-class _Replies:
-    """The averaged chunks of one slice as they come: kept in ``answer.chunks`` (a takeover hands
-    them out, a re-check compares them), hashed in order for the seal, and decoded straight into
-    the output, in an executor thread while the next chunk is being received."""
-
-    def __init__(
-        self, codec: Codec, out: torch.Tensor | None, payloads: _Payloads, answer: SliceAnswer
-    ) -> None:
-        # ``out`` None: the caller streams the encoded chunks later; each is only checked here
-        self.codec, self.out, self.bounds, self.answer = codec, out, payloads.bounds, answer
-        self._check = (
-            torch.empty(0)
-            if out is not None
-            else empty_f32(max((hi - lo for lo, hi in self.bounds), default=0))
-        )
-        self._hash = hashlib.sha256()
-        for chunk in answer.chunks:
-            self._hash.update(chunk)
-        self.hashing = True
-        self._decoding: asyncio.Future[None] | None = None
-
-    @property
-    def held(self) -> int:
-        return len(self.answer.chunks)
-
-    async def add(self, reply: bytes | memoryview) -> None:
-        """The next averaged chunk; RoundFailed when the one before it does not decode."""
-        await self._wait()
-        lo, hi = self.bounds[len(self.answer.chunks)]
-        self.answer.chunks.append(reply)
-        self._decoding = asyncio.get_running_loop().run_in_executor(None, self._decode, reply, lo, hi)
-
-    def _decode(self, reply: bytes | memoryview, lo: int, hi: int) -> None:
-        if self.hashing:
-            self._hash.update(reply)  # here, in order: one decode runs at a time
-        if self.out is not None:
-            self.codec.decode_into(reply, self.out[lo:hi])
-            return
-        values = self._check[: hi - lo]
-        self.codec.decode_into(reply, values)
-        if not bool(torch.isfinite(values).all()):
-            raise RoundFailed("a reducer sent an average with non-finite values")
-
-    async def finish(self) -> str:
-        """The hash of every chunk held, once all are decoded."""
-        await self._wait()
-        return self._hash.hexdigest()
-
-    async def settle(self) -> None:
-        """Wait for a decode still running (on the way out of a failed exchange: a takeover may
-        write the same part of the output next)."""
-        with contextlib.suppress(Exception):
-            await self._wait()
-
-    async def _wait(self) -> None:
-        decoding, self._decoding = self._decoding, None
-        if decoding is not None:
-            try:
-                await asyncio.shield(decoding)
-            except CodecError as e:
-                raise RoundFailed(f"a reducer sent a malformed average: {e}") from None
 
 
 def _parse_reply(body: memoryview, model: type[T]) -> T:

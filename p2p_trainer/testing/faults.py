@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from p2p_trainer.codec import Codec
-from p2p_trainer.swarm.allreduce import Fault, OutgoingPart
+from p2p_trainer.swarm.parts import Fault, OutgoingPart
 from p2p_trainer.swarm.peer import SwarmPeer
 from p2p_trainer.swarm.reducer import ReducerFault
 
