@@ -8,6 +8,8 @@ done, failed or interrupted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -32,7 +34,8 @@ from p2p_trainer.swarm.verify import Signer
 logger = logging.getLogger(__name__)
 
 _LEAVE_GRACE_S = 3.0  # a peer asked to leave during an all-reduce gives the round this long to finish
-_SETTLE_S = 10.0  # a leaving peer waits this long at most for the replies it still sends
+_WITHDRAW_S = 3.0  # a leaving peer tries this long at most to withdraw its record
+_SETTLE_S = 10.0  # ... and waits this long at most for the replies it still sends
 
 
 class SwarmPeer(Observer):
@@ -306,7 +309,8 @@ class SwarmPeer(Observer):
     # ---- leaving ----
     async def _leave(self) -> None:
         if self._board.mine is not None:  # nobody should wait for us in matchmaking
-            await self._board.withdraw()
+            with contextlib.suppress(asyncio.TimeoutError):  # the swarm may be gone already
+                await asyncio.wait_for(self._board.withdraw(), _WITHDRAW_S)
         await self._allreducer.service.settle(_SETTLE_S)  # replies still on their way to slower members
 
     def __enter__(self) -> SwarmPeer:
