@@ -66,7 +66,6 @@ class _InFlight:
 
     step: int
     round: PendingRound
-    weight: float
 
 
 class _Part:
@@ -166,7 +165,7 @@ class OuterSync:
         pump.call("snapshot")  # this round's part: the model's progress since this phase began
         if not last:
             pending = self._all_reduce(outer_step, weight, background=True)
-            self._in_flight = _InFlight(outer_step, pending, weight)
+            self._in_flight = _InFlight(outer_step, pending)
         # eager: the next phase starts from θ moved on by our own pseudo-gradient in flight, at the
         # outer learning rate, as the outer step would move θ if we were alone
         eager = self.outer_lr if self.overlap == "eager" and not last else 0.0
