@@ -2,15 +2,19 @@
 replicas over several outer steps, hostile or silent members left out, failed rounds, and the
 token-target round timing with a slow peer. One 3-peer swarm serves the whole module."""
 
+import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
+import socket
 import threading
 import time
 
 import pytest
 import torch
 
+from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.records import round_should_close
 from p2p_trainer.testing import faults
 from p2p_trainer.testing import swarm as st
@@ -100,7 +104,7 @@ FAULTS = {
 }
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_bad_member_is_left_out_and_named(peers, fault, caplog):
     bad = peers[2]
@@ -233,3 +237,41 @@ def test_slow_peer_closes_rounds_with_the_others_in_token_target_mode(peers):
         assert 0.9 * ROUND_TOKENS <= sum(weights) <= 1.6 * ROUND_TOKENS, weights
         slow_share = weights[2] / ((weights[0] + weights[1]) / 2)
         assert 0.2 < slow_share < 0.5, weights
+
+
+@pytest.mark.timeout(30)
+def test_an_answered_stream_waits_for_the_asker_but_never_longer_than_its_timeout():
+    """``wire.finish`` on a real socket pair: an asker that closes ends the wait at once; a hostile one
+    that never closes and keeps sending costs the answering side its timeout, nothing more."""
+
+    async def scenario(hostile: bool) -> tuple[float, bytes]:
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        peer_reader, peer_writer = await asyncio.open_connection(sock=b)
+        writer.write(b"answer")
+        await writer.drain()
+
+        async def asker() -> None:
+            await peer_reader.readexactly(6)
+            if not hostile:
+                peer_writer.close()
+                return
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:  # junk after the answer, and no close
+                    peer_writer.write(b"x" * 4096)
+                    await peer_writer.drain()
+                    await asyncio.sleep(0.01)
+
+        task = asyncio.ensure_future(asker())
+        started = time.monotonic()
+        await wire.finish(reader, writer, timeout=0.5)
+        took = time.monotonic() - started
+        rest = await asyncio.wait_for(peer_reader.read(), 2.0)  # our end is closed: EOF
+        task.cancel()
+        peer_writer.close()
+        return took, rest
+
+    took, rest = asyncio.run(scenario(hostile=False))
+    assert took < 0.4 and rest == b""
+    took, rest = asyncio.run(scenario(hostile=True))
+    assert 0.5 <= took < 2.0 and rest == b""
