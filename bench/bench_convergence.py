@@ -170,10 +170,23 @@ def _sent(part, codec, k: int):
     return out
 
 
+def _top_k_exact(part, k: int, chunk: int = 4096):
+    """The bound no sparse code can beat at ``k`` of each ``chunk``: the top-k entries of each chunk,
+    exact fp32, the rest zero."""
+    import torch
+
+    n = part.numel()
+    rows = torch.nn.functional.pad(part, (0, (-n) % chunk)).view(-1, chunk)
+    keep = rows.abs().topk(k, dim=1).indices
+    return torch.zeros_like(rows).scatter_(1, keep, rows.gather(1, keep)).flatten()[:n]
+
+
 def job_diloco(spec: dict) -> dict:
     """k simulated workers over the swarm's own pieces. ``aggregation`` (mean | clip), ``overlap``
     (none | delayed | eager, as ``OuterSync`` does them) and ``error_feedback`` as in the trainer's
     config; the reducers' arithmetic is ``testing.simulate.swarm_average``."""
+    import torch
+
     from p2p_trainer.codec import get_codec
     from p2p_trainer.config import OuterConfig
     from p2p_trainer.diloco import DiLoCo
@@ -187,14 +200,20 @@ def job_diloco(spec: dict) -> dict:
     streams = [_stream(cfg, tok, _order(spec["seed"], i)) for i in range(K)]
     outer = OuterConfig(lr=spec["outer_lr"], momentum=spec["momentum"], nesterov=True)
     diloco = DiLoCo(warm["params"], outer)
-    codec = get_codec(spec["codec"])
+    from p2p_trainer.codec.sparse_format import SparseParams
+
+    codec = get_codec(spec["codec"], sparse=SparseParams(k=spec.get("sparse_k", SparseParams().k)))
     ef = spec.get("error_feedback", spec["codec"] == "sparse")
+    ef_return = spec.get("ef_return", ef)
+    bound_k = spec.get("top_k_bound")  # instead of the codec: the best any top-k code could send
+    assert not bound_k or ef, "the top-k bound keeps what it does not send (error feedback)"
     weights = [float(h * 16 * 128)] * K
     residual: list = [None] * K
     delta: list = [None] * K
+    sent: list = [None] * K
     rounds, every = budget // h, max(1, 50 // h)
     curve = [(0, workers[0].evaluate(ev))]
-    pending = None  # overlap: the average of the round in flight, applied at the next boundary
+    pending = None  # overlap: the round in flight (its average, our sents), applied at the next boundary
     start: list = [None] * K  # overlap eager: where each worker's phase started
     for r in range(1, rounds + 1):
         parts = []
@@ -207,17 +226,24 @@ def job_diloco(spec: dict) -> dict:
                 delta[i] = diloco.pseudo_gradient(loop.export_params())
             part = delta[i] + residual[i] if ef and residual[i] is not None else delta[i]
             if ef:  # what the codec does not send of our part carries into the next round
-                residual[i] = part - _sent(part, codec, K)
+                sent[i] = _top_k_exact(part, bound_k) if bound_k else _sent(part, codec, K)
+                residual[i] = part - sent[i]
             parts.append(part)
-        average = swarm_average(parts, weights, codec=codec, mode=mode)
+        if bound_k:  # the exact mean of the parts' exact top-k: no rounding, and no return leg dropping any
+            average = sum(sent) / K
+        else:
+            average = swarm_average(parts, weights, codec=codec, mode=mode)
         if overlap == "none":
-            theta = diloco.apply(average)
+            theta, applied = diloco.apply(average), (average, sent)
         else:
             if pending is None:
                 diloco.skip()  # the first overlapped boundary has nothing to apply yet
             else:
-                diloco.apply(pending)
-            pending, theta = average, diloco.master
+                diloco.apply(pending[0])
+            applied, pending, theta = pending, (average, list(sent)), diloco.master
+        if ef_return and applied is not None:  # what we sent where the applied average is zero comes
+            for i in range(K):  # back (``OuterState._apply_window``)
+                residual[i] += torch.where(applied[0] == 0, applied[1][i], 0.0)
         for i, loop in enumerate(workers):
             if overlap == "eager":  # θ moved on by our pseudo-gradient in flight, at the outer lr
                 start[i] = theta - outer.lr * delta[i]
@@ -229,7 +255,7 @@ def job_diloco(spec: dict) -> dict:
     out = {"curve": curve, "final": curve[-1][1], "sha256": diloco.sha256()}
     if pending is not None:  # as a run that goes on would: the round in flight lands one boundary later
         out["final_at_last_boundary"] = out["final"]
-        workers[0].import_params(diloco.apply(pending))
+        workers[0].import_params(diloco.apply(pending[0]))
         out["final"] = workers[0].evaluate(ev)
         curve[-1] = (curve[-1][0], out["final"])
     return out

@@ -13,8 +13,13 @@ baseline (int8, plain mean, blocking):
   ends at its last boundary with the last phase's round not started; here the round in flight is
   applied at the end, as a run that goes on would apply it one boundary later, and the loss at the
   last boundary is reported beside it;
-- ``sparse``: the sparse codec (top 64 of 4096 per chunk, 2 bits, error feedback), at the H's outer
-  and at the other of Nesterov / plain averaging with error feedback alone (issue 15: within 1%).
+- ``sparse``: the sparse codec (its defaults, error feedback), at the H's outer and at the other of
+  Nesterov / plain averaging with error feedback alone (issue 15: within 1%);
+- ``sparse-bound``: a top-k code at its best within 50x fewer bytes than fp32: the exact top
+  ``BOUND_K`` of each 4096 values in fp32, averaged exactly (no return leg dropping anything), with
+  error feedback and plain averaging. 50x leaves 4096 * 32 / 50 = 2621 bits per chunk; naming 448 of
+  its 4096 positions takes log2 C(4096, 448) = 2034 bits and a sign each 448 more (2482), so no code
+  fits more than 483 entries, and none sends their values exactly.
 
 Jobs run as separate processes, two at a time, one thread each.
 """
@@ -31,6 +36,7 @@ from bench.bench_convergence import Job, schedule
 
 # each H's best outer (lr, momentum) in bench_convergence's fp32 sweep (docs/benchmarks.md, convergence)
 BEST_OUTER = {10: (0.5, 0.5), 50: (1.0, 0.0)}
+BOUND_K = 448
 PLAIN = (1.0, 0.0)  # plain averaging: error feedback alone, no outer momentum (as SparseLoCo)
 NESTEROV = (0.5, 0.5)
 
@@ -48,6 +54,12 @@ VARIANTS = {  # name -> (what changes, spec fields)
 }
 
 
+EXTRA = {
+    "sparse-other": VARIANTS["sparse"][0],
+    "sparse-bound": f"bound: exact top {BOUND_K} of 4096 fp32, exact mean, error feedback",
+}
+
+
 def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dict) -> list[Job]:
     jobs: list[Job] = [("warm", lambda r: [dict(base, kind="warm")], ())]
     for h in hs:
@@ -58,6 +70,10 @@ def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dic
             spec = {**base, "kind": "diloco", "H": h, "outer_lr": lr, "momentum": mom, "codec": "int8"}
             spec.update(fields)
             jobs.append((f"H{h}-{name}", lambda r, spec=spec: [spec], ("warm",)))
+        if "sparse-bound" in variants:
+            spec = dict(base, kind="diloco", H=h, outer_lr=PLAIN[0], momentum=PLAIN[1], codec="fp32",
+                        error_feedback=True, top_k_bound=BOUND_K)  # fmt: skip
+            jobs.append((f"H{h}-sparse-bound", lambda r, spec=spec: [spec], ("warm",)))
         if "sparse-other" in variants:
             other = _other((lr, mom))
             spec = dict(base, kind="diloco", H=h, outer_lr=other[0], momentum=other[1], codec="sparse")
@@ -66,7 +82,7 @@ def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dic
 
 
 def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slots: int = 2,
-        variants: tuple[str, ...] = (*VARIANTS, "sparse-other"), outer: tuple[float, float] | None = None,
+        variants: tuple[str, ...] = (*VARIANTS, *EXTRA), outer: tuple[float, float] | None = None,
         warm_path: str | None = None) -> list[dict]:
     """``outer``: one (lr, momentum) for every H instead of each H's best; ``warm_path``: a warm start
     saved by an earlier run with the same ``warm`` (it is deterministic), not trained again."""
@@ -88,9 +104,11 @@ def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slot
         for name in variants:
             out = res[f"H{h}-{name}"]
             lr, mom = settings[h]
-            what = VARIANTS[name][0] if name in VARIANTS else VARIANTS["sparse"][0]
+            what = VARIANTS[name][0] if name in VARIANTS else EXTRA[name]
             if name == "sparse-other":
                 lr, mom = _other((lr, mom))
+            if name == "sparse-bound":
+                lr, mom = PLAIN
             row = {"bench": "paired", "H": h, "variant": what, "outer": f"{lr}/{mom}",
                    "eval_loss": round(out["final"], 4),
                    "vs_int8_pct": round(100 * (out["final"] / baseline - 1), 2) if baseline else ""}
@@ -107,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=200, help="inner steps per worker after the warm start")
     ap.add_argument("--warm", type=int, default=400, help="steps of the shared single-worker warm start")
     ap.add_argument("--hs", type=int, nargs="+", default=[10, 50], choices=sorted(BEST_OUTER))
-    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "sparse-other"],
-                    choices=[*VARIANTS, "sparse-other"])
+    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, *EXTRA], choices=[*VARIANTS, *EXTRA])
     ap.add_argument("--outer", type=float, nargs=2, metavar=("LR", "MOMENTUM"),
                     help="one outer setting for every H (default: each H's best from the convergence sweep)")
     ap.add_argument("--warm-path", help="reuse this warm start (saved by a run with the same --warm)")

@@ -35,7 +35,8 @@ from p2p_trainer.codec.sparse import SparseCodec, default_threads
 
 PEERS = 4
 SIZE_PARAMS = [
-    fmt.SparseParams(4096, 64, 2),  # the default
+    fmt.SparseParams(4096, 160, 2),  # the default
+    fmt.SparseParams(4096, 64, 2),
     fmt.SparseParams(4096, 32, 2),
     fmt.SparseParams(4096, 128, 2),
     fmt.SparseParams(4096, 64, 1),
@@ -43,6 +44,7 @@ SIZE_PARAMS = [
     fmt.SparseParams(1024, 16, 2),
 ]
 ACCURACY_PARAMS = [
+    fmt.SparseParams(4096, 160, 2),
     fmt.SparseParams(4096, 64, 2),
     fmt.SparseParams(4096, 128, 2),
     fmt.SparseParams(4096, 64, 4),

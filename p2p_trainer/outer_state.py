@@ -54,6 +54,7 @@ class OuterState:
                              pin=ranks.device.type == "cuda")  # fmt: skip
         self.residual: torch.Tensor | None = None  # what the codec has not sent yet (error feedback)
         self.sent: torch.Tensor | None = None  # what our part of the round in progress decodes to
+        self.returning: torch.Tensor | None = None  # ``sent`` of the round whose average is being applied
         self.part: torch.Tensor | None = None  # an overlapped round's part (None: computed when read)
         self.delta: torch.Tensor | None = None  # our latest pseudo-gradient (overlap)
         self.carried = 0.0  # eager: the share of ``delta`` the model started this phase with
@@ -70,11 +71,11 @@ class OuterState:
         pump.provide("residual", read=lambda a, b: self._residual(a, b), write=self._write_residual)
         pump.provide("part", read=self._read_part)
         pump.provide("sent", write=self._write_sent)
-        pump.provide("apply", write=d.apply_window)
+        pump.provide("apply", write=self._apply_window)
         for name in MOMENTS:
             pump.provide(name, read=self._moment_reader(name), write=self._moment_writer(name))
-        pump.provide("end_step", call=lambda _: d.end_step())
-        pump.provide("skip", call=lambda _: d.skip())
+        pump.provide("end_step", call=lambda _: self._end_step(d.end_step))
+        pump.provide("skip", call=lambda _: self._end_step(d.skip))
         pump.provide("ef_blocking", call=lambda _: self._ef_blocking())
         pump.provide("ef_overlap", call=lambda ok: self._ef_overlap(bool(ok)))
         pump.provide("snapshot", call=lambda _: self._snapshot())
@@ -84,7 +85,7 @@ class OuterState:
         """Bytes of outer state this rank holds now (its shares of θ, the momentum and whatever
         the mode keeps beside them)."""
         d = self.diloco
-        held = (d.master, d.momentum, self.residual, self.sent, self.part, self.delta)
+        held = (d.master, d.momentum, self.residual, self.sent, self.returning, self.part, self.delta)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def close(self) -> None:
@@ -131,12 +132,30 @@ class OuterState:
         """A blocking round went through: what our part did not send is the new residual (our part
         is read again: nothing has moved since the round read it)."""
         self.residual = self._read_part(0, self.diloco.master.numel()) - self.sent
-        self.sent = None
+        self.returning, self.sent = self.sent, None
 
     def _ef_overlap(self, ok: bool) -> None:
-        """An overlapped round ended: its part's unsent rest, or (failed) all of it, carries over."""
-        self.residual = self.part - self.sent if ok and self.sent is not None else self.part
-        self.sent = None
+        """An overlapped round ended: its part's unsent rest, or (failed) all of it, carries over
+        (beside what the last applied average gave back, see ``_apply_window``)."""
+        rest = self.part - self.sent if ok and self.sent is not None else self.part
+        self.residual = rest if self.residual is None else self.residual.add_(rest)
+        self.returning, self.sent = (self.sent if ok else None), None
+
+    def _apply_window(self, a: int, b: int, averaged: torch.Tensor) -> None:
+        """The outer step on ``[a, b)``; with error feedback, what we sent where the average is zero
+        comes back into the residual. The reducer of a sparse slice keeps the top-k of the average,
+        so what it drops would otherwise leave the model: each member takes back its own share of
+        it (the members' residuals hold all of it, weighted as the average is)."""
+        self.diloco.apply_window(a, b, averaged)
+        if self.returning is not None:
+            back = torch.where(averaged == 0, self.returning[a:b], 0.0)
+            if self.residual is None:
+                self.residual = torch.zeros_like(self.diloco.master)
+            self.residual[a:b] += back
+
+    def _end_step(self, step) -> None:
+        step()
+        self.returning = None
 
     def _snapshot(self) -> None:
         """An overlapped round starts: our pseudo-gradient (and the residual) as its part. It is
@@ -264,7 +283,7 @@ class OuterState:
             self._read_own(file, "momentum", self._write_momentum)
         d.started, d.outer_step = file.has("momentum"), file.outer_step
         # an overlapped round still in flight keeps reading its part; it is never applied
-        self.residual = self.delta = self.sent = None
+        self.residual = self.delta = self.sent = self.returning = None
         if residual and self.error_feedback and file.has("residual"):
             self._read_own(file, "residual", self._write_residual)
         if inner and file.has_inner:
@@ -305,7 +324,7 @@ class OuterState:
         if self._good is None:
             return None
         self.diloco.load_state_dict(torch.load(self._good, weights_only=True))
-        self.residual = self.part = self.delta = self.sent = None
+        self.residual = self.part = self.delta = self.sent = self.returning = None
         if self.ranks.leader:
             self.version += 1
         return self.diloco.outer_step

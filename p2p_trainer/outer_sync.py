@@ -21,8 +21,10 @@ is lost).
 
 Error feedback (``outer.error_feedback``): what the codec did not send of our pseudo-gradient (our
 part minus what it decodes to) is added to the next round's, so quantization or sparsification
-error does not leave the model; a failed round's whole part carries over. Kept in checkpoints,
-reset when a downloaded state replaces ours.
+error does not leave the model; a failed round's whole part carries over. What we did send but the
+applied average is zero at (a sparse reducer keeps only the top-k of the average) comes back too,
+so the members' residuals also hold what the return leg dropped. Kept in checkpoints, reset when a
+downloaded state replaces ours.
 """
 
 from __future__ import annotations

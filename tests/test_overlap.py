@@ -93,3 +93,39 @@ def test_error_feedback_keeps_what_the_codec_did_not_send(peers):
         for o in outers:  # int8 rounds what it sends: the residual is that rounding, small but not zero
             assert o.residual is not None and 0 < float(o.residual.abs().max()) < 1e-2
     assert torch.equal(outers[0].diloco.master, outers[1].diloco.master)
+
+
+@pytest.mark.parametrize("overlap", ["none", "delayed"])
+def test_error_feedback_takes_back_what_the_average_dropped(overlap):
+    """What we sent where the applied average is zero (a sparse reducer kept other entries) comes
+    back into the residual; where the average is not zero only the codec's own loss stays."""
+    state = _outer(None, overlap, error_feedback=True).state
+    pump, n = state.pump, state.numel
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in state.inner.model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen))  # the phase's progress: part = θ - model
+    part = state.diloco.master - torch.cat([p.detach().flatten() for p in state.inner.model.parameters()])
+    sent = torch.where(torch.rand(n, generator=gen) < 0.3, part.round(decimals=1), 0.0)
+    average = torch.where(torch.rand(n, generator=gen) < 0.5, torch.randn(n, generator=gen), 0.0)
+    dropped = (average == 0) & (sent != 0)
+    assert 0 < int(dropped.sum()) < int((sent != 0).sum())
+    try:
+        if overlap == "none":
+            pump.write("sent", 0, n, sent)
+            pump.call("ef_blocking")
+        else:
+            pump.call("snapshot")
+            pump.write("sent", 0, n, sent)
+            pump.call("ef_overlap", 1.0)
+            pump.call("snapshot")  # the next round's part takes the unsent rest along
+            assert torch.allclose(state.part, part - sent + state.delta, atol=1e-6)
+        pump.write("apply", 0, n, average)
+        pump.call("end_step")
+        back = torch.where(average == 0, sent, 0.0)
+        # blocking: the unsent rest and what comes back; overlapped: the rest left with the next part
+        expected = part - sent + back if overlap == "none" else back
+        assert torch.allclose(state.residual, expected, atol=1e-6)
+        assert state.returning is None  # until the next applied round
+    finally:
+        state.close()
