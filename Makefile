@@ -37,7 +37,7 @@ test-tools:
 	fi
 
 test: install test-tools
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check .

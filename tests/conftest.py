@@ -10,6 +10,11 @@ from p2p_trainer.swarm import procs
 _SESSION_HELPERS = (b"resource_tracker", b"forkserver", b"torch_shm_manager")  # meant to outlive a test
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one process group per worker: the sweep below takes the
+        os.setpgid(0, 0)  # p2p daemons of its own group only, never another worker's
+
+
 def _ours() -> set[int]:
     """Our descendants, plus orphans of our process group (p2p daemons whose parent died)."""
     table, me, pgid = procs.process_table(), os.getpid(), os.getpgrp()
