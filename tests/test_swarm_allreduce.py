@@ -266,7 +266,11 @@ def test_an_answered_stream_waits_for_the_asker_but_never_longer_than_its_timeou
         started = time.monotonic()
         await wire.finish(reader, writer, timeout=0.5)
         took = time.monotonic() - started
-        rest = await asyncio.wait_for(peer_reader.read(), 2.0)  # our end is closed: EOF
+        try:
+            rest = await asyncio.wait_for(peer_reader.read(), 2.0)  # our end is closed: EOF
+        except ConnectionResetError:  # closed with the hostile asker's junk unread: TCP resets
+            assert hostile
+            rest = b""
         task.cancel()
         peer_writer.close()
         return took, rest
