@@ -171,8 +171,8 @@ def _sent(part, codec, k: int):
 
 
 def _top_k_exact(part, k: int, chunk: int = 4096):
-    """The bound no sparse code can beat at ``k`` of each ``chunk``: the top-k entries of each chunk,
-    exact fp32, the rest zero."""
+    """A top-k code at its best with ``k`` of each ``chunk``: the top-k entries of each chunk, exact
+    fp32, the rest zero."""
     import torch
 
     n = part.numel()
