@@ -184,7 +184,10 @@ def _top_k_exact(part, k: int, chunk: int = 4096):
 def job_diloco(spec: dict) -> dict:
     """k simulated workers over the swarm's own pieces. ``aggregation`` (mean | clip), ``overlap``
     (none | delayed | eager, as ``OuterSync`` does them) and ``error_feedback`` as in the trainer's
-    config; the reducers' arithmetic is ``testing.simulate.swarm_average``."""
+    config; the reducers' arithmetic is ``testing.simulate.swarm_average``. Beside the trainer's
+    settings, for measuring alternatives: ``sparse_k``, ``return_k`` (the average goes back with
+    another k), ``full_return`` (each worker's residual takes its sent part minus the applied
+    average everywhere, not only where the average is zero) and ``top_k_bound``."""
     import torch
 
     from p2p_trainer.codec import get_codec
@@ -202,7 +205,10 @@ def job_diloco(spec: dict) -> dict:
     diloco = DiLoCo(warm["params"], outer)
     from p2p_trainer.codec.sparse_format import SparseParams
 
-    codec = get_codec(spec["codec"], sparse=SparseParams(k=spec.get("sparse_k", SparseParams().k)))
+    sparse = SparseParams(k=spec.get("sparse_k", SparseParams().k))
+    codec = get_codec(spec["codec"], sparse=sparse)
+    # the reducers send the average back with a different k (an asymmetric code, not the swarm's)
+    back = get_codec("sparse", sparse=SparseParams(k=spec["return_k"])) if "return_k" in spec else None
     ef = spec.get("error_feedback", spec["codec"] == "sparse")
     ef_return = spec.get("ef_return", ef)
     bound_k = spec.get("top_k_bound")  # instead of the codec: the best any top-k code could send
@@ -232,7 +238,7 @@ def job_diloco(spec: dict) -> dict:
         if bound_k:  # the exact mean of the parts' exact top-k: no rounding, and no return leg dropping any
             average = sum(sent) / K
         else:
-            average = swarm_average(parts, weights, codec=codec, mode=mode)
+            average = swarm_average(parts, weights, codec=codec, mode=mode, return_codec=back)
         if overlap == "none":
             theta, applied = diloco.apply(average), (average, sent)
         else:
@@ -243,7 +249,10 @@ def job_diloco(spec: dict) -> dict:
             applied, pending, theta = pending, (average, list(sent)), diloco.master
         if ef_return and applied is not None:  # what we sent where the applied average is zero comes
             for i in range(K):  # back (``OuterState._apply_window``)
-                residual[i] += torch.where(applied[0] == 0, applied[1][i], 0.0)
+                if spec.get("full_return"):  # not the trainer's rule: sent minus applied everywhere
+                    residual[i] += applied[1][i] - applied[0]
+                else:
+                    residual[i] += torch.where(applied[0] == 0, applied[1][i], 0.0)
         for i, loop in enumerate(workers):
             if overlap == "eager":  # θ moved on by our pseudo-gradient in flight, at the outer lr
                 start[i] = theta - outer.lr * delta[i]

@@ -15,6 +15,9 @@ baseline (int8, plain mean, blocking):
   last boundary is reported beside it;
 - ``sparse``: the sparse codec (its defaults, error feedback), at the H's outer and at the other of
   Nesterov / plain averaging with error feedback alone (issue 15: within 1%);
+- ``sparse-asym`` / ``sparse-full-return``: alternatives to the sparse default, measured and not
+  taken (plain averaging): the same bytes split as k 150 out and 450 back, and a residual that takes
+  the worker's sent part minus the applied average everywhere;
 - ``sparse-bound``: a top-k code at its best within 50x fewer bytes than fp32: the exact top
   ``BOUND_K`` of each 4096 values in fp32, averaged exactly (no return leg dropping anything), with
   error feedback and plain averaging. 50x leaves 4096 * 32 / 50 = 2621 bits per chunk; naming 448 of
@@ -54,9 +57,18 @@ VARIANTS = {  # name -> (what changes, spec fields)
 }
 
 
+ASYM_K = (150, 450)  # entries per chunk out and back: the default's bytes, split unevenly
 EXTRA = {
     "sparse-other": VARIANTS["sparse"][0],
     "sparse-bound": f"bound: exact top {BOUND_K} of 4096 fp32, exact mean, error feedback",
+    # alternatives measured, not the trainer's (see bench/notes/paired.md)
+    "sparse-asym": f"sparse, k {ASYM_K[0]} out and {ASYM_K[1]} back (not the swarm's code)",
+    "sparse-full-return": "sparse, residual takes sent - applied everywhere (not the trainer's rule)",
+}
+# plain averaging, one change from the sparse default each
+_SPARSE_ALTERNATIVES = {
+    "sparse-asym": {"sparse_k": ASYM_K[0], "return_k": ASYM_K[1]},
+    "sparse-full-return": {"full_return": True},
 }
 
 
@@ -74,6 +86,10 @@ def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dic
             spec = dict(base, kind="diloco", H=h, outer_lr=PLAIN[0], momentum=PLAIN[1], codec="fp32",
                         error_feedback=True, top_k_bound=BOUND_K)  # fmt: skip
             jobs.append((f"H{h}-sparse-bound", lambda r, spec=spec: [spec], ("warm",)))
+        for name, fields in _SPARSE_ALTERNATIVES.items():
+            if name in variants:
+                spec = dict(base, kind="diloco", H=h, outer_lr=PLAIN[0], momentum=PLAIN[1], codec="sparse")
+                jobs.append((f"H{h}-{name}", lambda r, spec=dict(spec, **fields): [spec], ("warm",)))
         if "sparse-other" in variants:
             other = _other((lr, mom))
             spec = dict(base, kind="diloco", H=h, outer_lr=other[0], momentum=other[1], codec="sparse")
@@ -107,7 +123,7 @@ def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slot
             what = VARIANTS[name][0] if name in VARIANTS else EXTRA[name]
             if name == "sparse-other":
                 lr, mom = _other((lr, mom))
-            if name == "sparse-bound":
+            if name == "sparse-bound" or name in _SPARSE_ALTERNATIVES:
                 lr, mom = PLAIN
             row = {"bench": "paired", "H": h, "variant": what, "outer": f"{lr}/{mom}",
                    "eval_loss": round(out["final"], 4),

@@ -1,6 +1,7 @@
 /*
  * Sparse pseudo-gradient codec: per chunk, top-k selection by magnitude, low-bit magnitude levels,
- * bit-packed (index, code) slots; decode and fused decode-and-accumulate with full validation.
+ * Elias-Fano indices (bit-packed (low index bits, code) slots and a unary high bitmap); decode and
+ * fused decode-and-accumulate with full validation.
  *
  * The arithmetic and the payload layout are specified in p2p_trainer/codec/sparse_format.py and
  * mirrored by p2p_trainer/codec/sparse_reference.py: the two must produce the same payload bytes,
@@ -25,7 +26,7 @@
 #error "float/double expressions must be evaluated in their own precision (FLT_EVAL_METHOD 0)"
 #endif
 
-#define P2PS_ABI_VERSION 1
+#define P2PS_ABI_VERSION 2
 #define HEADER_SIZE 32
 #define MIN_CHUNK 64
 #define MAX_CHUNK 65536
@@ -42,11 +43,30 @@ int p2ps_abi_version(void) { return P2PS_ABI_VERSION; }
 
 /* ---- layout: sparse_format.layout(), field for field ---------------------------------------- */
 
+/* one chunk's block: sparse_format.Block */
 typedef struct {
-    int64_t n, chunk, k, n_chunks, last_n, last_k, block, last_block;
+    int64_t n, kc, slot_bits_total, bitmap_bits, size;
+    int low_bits, slot_bits;
+} block_layout;
+
+typedef struct {
+    int64_t n, chunk, k, n_chunks, last_n, last_k;
     int64_t levels_off, counts_off, slots_off, size;
-    int bits, index_bits, slot_bits, n_levels;
+    int bits, n_levels;
+    block_layout full, last;
 } layout;
+
+static void make_block(int64_t n, int64_t kc, int bits, block_layout *b) {
+    int low = 0;
+    while ((n / kc) >> (low + 1)) low++; /* floor(log2(n / kc)) */
+    b->n = n;
+    b->kc = kc;
+    b->low_bits = low;
+    b->slot_bits = low + bits;
+    b->slot_bits_total = kc * b->slot_bits;
+    b->bitmap_bits = ((n - 1) >> low) + 1 + kc;
+    b->size = (b->slot_bits_total + b->bitmap_bits + 7) / 8;
+}
 
 static int make_layout(int64_t n, int64_t chunk, int64_t k, int bits, layout *l) {
     if (n < 0 || n > MAX_NUMEL || chunk < MIN_CHUNK || chunk > MAX_CHUNK || (chunk & (chunk - 1)) ||
@@ -57,23 +77,23 @@ static int make_layout(int64_t n, int64_t chunk, int64_t k, int bits, layout *l)
     l->chunk = chunk;
     l->k = k;
     l->bits = bits;
-    l->index_bits = __builtin_ctzll((unsigned long long)chunk);
-    l->slot_bits = l->index_bits + bits;
     l->n_levels = 1 << (bits - 1);
     l->n_chunks = (n + chunk - 1) / chunk;
     l->last_n = l->n_chunks ? n - (l->n_chunks - 1) * chunk : 0;
     l->last_k = k < l->last_n ? k : l->last_n;
-    l->block = (k * l->slot_bits + 7) / 8;
-    l->last_block = (l->last_k * l->slot_bits + 7) / 8;
+    make_block(chunk, k, bits, &l->full);
+    if (l->n_chunks) make_block(l->last_n, l->last_k, bits, &l->last);
     l->levels_off = HEADER_SIZE;
     l->counts_off = l->levels_off + 4 * (int64_t)l->n_levels * l->n_chunks;
     l->slots_off = l->counts_off + 2 * l->n_chunks;
-    l->size = l->slots_off + (l->n_chunks ? l->block * (l->n_chunks - 1) + l->last_block : 0);
+    l->size = l->slots_off + (l->n_chunks ? l->full.size * (l->n_chunks - 1) + l->last.size : 0);
     return 0;
 }
 
-static inline int64_t chunk_len(const layout *l, int64_t c) { return c == l->n_chunks - 1 ? l->last_n : l->chunk; }
-static inline int64_t chunk_k(const layout *l, int64_t c) { return c == l->n_chunks - 1 ? l->last_k : l->k; }
+static inline const block_layout *block_of(const layout *l, int64_t c) {
+    return c == l->n_chunks - 1 ? &l->last : &l->full;
+}
+static inline int64_t block_offset(const layout *l, int64_t c) { return l->slots_off + c * l->full.size; }
 
 /* ---- threading: a pool-less fork/join over chunk indices, with per-thread scratch ------------- */
 
@@ -137,6 +157,11 @@ static inline void put_bits(bit_writer *w, uint32_t v, int bits) {
     }
 }
 
+static inline void put_zeros(bit_writer *w, int64_t bits) {
+    for (; bits > 24; bits -= 24) put_bits(w, 0, 24);
+    put_bits(w, 0, (int)bits);
+}
+
 static inline void flush_bits(bit_writer *w) {
     if (w->n > 0) *w->p++ = (uint8_t)w->acc;
     w->acc = 0;
@@ -149,7 +174,17 @@ typedef struct {
     int n;
 } bit_reader;
 
-/* The caller has checked that the block holds every bit it reads. */
+/* A reader of the bits from bit `at` of `p` on. */
+static inline bit_reader reader_at(const uint8_t *p, int64_t at) {
+    bit_reader r = {p + at / 8, NULL, 0, 0};
+    if (at % 8) {
+        r.acc = (uint64_t)(*r.p++) >> (at % 8);
+        r.n = 8 - (int)(at % 8);
+    }
+    return r;
+}
+
+/* The caller has checked that the block holds every bit it reads (bits <= 32). */
 static inline uint32_t get_bits(bit_reader *r, int bits) {
     while (r->n < bits) {
         r->acc |= (uint64_t)(*r->p++) << r->n;
@@ -379,7 +414,8 @@ static void encode_chunk(void *arg, int64_t c, void *mem) {
 #if defined(__AVX2__)
     pthread_once(&lane_lut_once, init_lane_lut);
 #endif
-    const int64_t n = chunk_len(l, c), kc = chunk_k(l, c);
+    const block_layout *b = block_of(l, c);
+    const int64_t n = b->n, kc = b->kc;
     const float *x = e->x + c * l->chunk;
     const int L = l->n_levels;
 
@@ -427,16 +463,25 @@ static void encode_chunk(void *arg, int64_t c, void *mem) {
     uint16_t m16 = (uint16_t)m;
     memcpy(e->payload + l->counts_off + 2 * c, &m16, 2);
 
-    /* step 4: slots */
-    bit_writer w = {e->payload + l->slots_off + c * l->block, 0, 0};
+    /* steps 4 and 5: slots (low index bits, code), then the high bitmap */
+    bit_writer w = {e->payload + block_offset(l, c), 0, 0};
     const uint32_t *xb = (const uint32_t *)x;
+    const uint32_t low_mask = (1u << b->low_bits) - 1;
     for (int64_t j = 0; j < m; j++) {
         uint32_t bitsx;
         memcpy(&bitsx, xb + s.sel[j], 4);
         uint32_t code = (bitsx >> 31) | ((uint32_t)q[j] << 1);
-        put_bits(&w, (uint32_t)s.sel[j] | (code << l->index_bits), l->slot_bits);
+        put_bits(&w, ((uint32_t)s.sel[j] & low_mask) | (code << b->low_bits), b->slot_bits);
     }
-    for (int64_t j = m; j < kc; j++) put_bits(&w, 0, l->slot_bits);
+    put_zeros(&w, (kc - m) * b->slot_bits);
+    int64_t at = 0; /* bits of the bitmap written so far */
+    for (int64_t j = 0; j < m; j++) {
+        int64_t one = ((int64_t)s.sel[j] >> b->low_bits) + j;
+        put_zeros(&w, one - at);
+        put_bits(&w, 1, 1);
+        at = one + 1;
+    }
+    put_zeros(&w, b->bitmap_bits - at);
     flush_bits(&w);
 }
 
@@ -469,11 +514,43 @@ static inline int level_ok(uint32_t u) {
     return mag < 0x7f800000u && (!(u >> 31) || mag == 0);
 }
 
+/* Walks the ones of a block's high bitmap against its slots: calls `emit(ctx, idx, code)` for each
+ * of the m entries in order and returns 0, or -1 as soon as anything breaks the format's rules
+ * (ones != m, an index not strictly increasing or past n, a non-zero padding slot or tail bit). */
+typedef void (*entry_fn)(void *ctx, uint32_t idx, uint32_t code);
+
+static int walk_block(const uint8_t *block, const block_layout *b, int64_t m, entry_fn emit, void *ctx) {
+    bit_reader slots = reader_at(block, 0), bitmap = reader_at(block, b->slot_bits_total);
+    const uint32_t low_mask = (1u << b->low_bits) - 1;
+    int64_t j = 0, prev = -1;
+    for (int64_t base = 0; base < b->bitmap_bits; base += 32) {
+        int width = b->bitmap_bits - base < 32 ? (int)(b->bitmap_bits - base) : 32;
+        uint32_t word = get_bits(&bitmap, width);
+        for (; word; word &= word - 1, j++) {
+            if (j >= m) return -1;
+            uint32_t slot = get_bits(&slots, b->slot_bits);
+            int64_t idx = ((base + __builtin_ctz(word) - j) << b->low_bits) | (slot & low_mask);
+            if (idx <= prev || idx >= b->n) return -1;
+            prev = idx;
+            if (emit) emit(ctx, (uint32_t)idx, slot >> b->low_bits);
+        }
+    }
+    if (j != m) return -1;
+    if (emit) return 0; /* validated before: the rest is known to be zero */
+    for (; j < b->kc; j++)
+        if (get_bits(&slots, b->slot_bits)) return -1;
+    /* the bits after the bitmap, up to the block's end */
+    if (bitmap.acc) return -1;
+    for (const uint8_t *p = bitmap.p; p < block + b->size; p++)
+        if (*p) return -1;
+    return 0;
+}
+
 static void validate_chunk(void *arg, int64_t c, void *unused) {
     (void)unused;
     dec_ctx *d = (dec_ctx *)arg;
     const layout *l = d->l;
-    const int64_t n = chunk_len(l, c), kc = chunk_k(l, c);
+    const block_layout *b = block_of(l, c);
     const int L = l->n_levels;
     for (int j = 0; j < L; j++) {
         uint32_t u;
@@ -482,39 +559,35 @@ static void validate_chunk(void *arg, int64_t c, void *unused) {
     }
     uint16_t m;
     memcpy(&m, d->payload + l->counts_off + 2 * c, 2);
-    if (m > kc) goto bad;
-    const uint8_t *block = d->payload + l->slots_off + c * l->block;
-    const int64_t block_bytes = c == l->n_chunks - 1 ? l->last_block : l->block;
-    bit_reader r = {block, block + block_bytes, 0, 0};
-    const uint32_t index_mask = (uint32_t)l->chunk - 1;
-    int64_t prev = -1;
-    for (int64_t j = 0; j < kc; j++) {
-        uint32_t slot = get_bits(&r, l->slot_bits);
-        if (j < m) {
-            int64_t idx = slot & index_mask;
-            if (idx <= prev || idx >= n) goto bad;
-            prev = idx;
-        } else if (slot) {
-            goto bad;
-        }
-    }
-    /* the bits after the last slot */
-    if (r.acc) goto bad;
-    while (r.p < r.end)
-        if (*r.p++) goto bad;
+    if (m > b->kc || walk_block(d->payload + block_offset(l, c), b, m, NULL, NULL)) goto bad;
     return;
 bad:
     note_bad_chunk(&d->first_bad, c);
+}
+
+typedef struct {
+    float *out;
+    const float *v; /* v[code]: code = sign | q << 1 */
+} scatter_ctx;
+
+static void put_entry(void *arg, uint32_t idx, uint32_t code) {
+    scatter_ctx *s = (scatter_ctx *)arg;
+    s->out[idx] = s->v[code];
+}
+
+static void add_entry(void *arg, uint32_t idx, uint32_t code) {
+    scatter_ctx *s = (scatter_ctx *)arg;
+    s->out[idx] = s->out[idx] + s->v[code];
 }
 
 static void scatter_chunk(void *arg, int64_t c, void *unused) {
     (void)unused;
     dec_ctx *d = (dec_ctx *)arg;
     const layout *l = d->l;
-    const int64_t n = chunk_len(l, c);
+    const block_layout *b = block_of(l, c);
     const int L = l->n_levels;
     float *out = d->out + c * l->chunk;
-    float v[2 * MAX_LEVELS]; /* v[code]: code = sign | q << 1 */
+    float v[2 * MAX_LEVELS];
     for (int j = 0; j < L; j++) {
         float lv;
         memcpy(&lv, d->payload + l->levels_off + 4 * ((int64_t)L * c + j), 4);
@@ -522,19 +595,11 @@ static void scatter_chunk(void *arg, int64_t c, void *unused) {
         v[2 * j] = lv;
         v[2 * j + 1] = -lv;
     }
-    if (!d->accumulate) memset(out, 0, (size_t)n * sizeof(float));
+    if (!d->accumulate) memset(out, 0, (size_t)b->n * sizeof(float));
     uint16_t m;
     memcpy(&m, d->payload + l->counts_off + 2 * c, 2);
-    bit_reader r = {d->payload + l->slots_off + c * l->block, NULL, 0, 0};
-    const uint32_t index_mask = (uint32_t)l->chunk - 1;
-    for (int64_t j = 0; j < m; j++) {
-        uint32_t slot = get_bits(&r, l->slot_bits);
-        uint32_t idx = slot & index_mask, code = slot >> l->index_bits;
-        if (d->accumulate)
-            out[idx] = out[idx] + v[code];
-        else
-            out[idx] = v[code];
-    }
+    scatter_ctx s = {out, v};
+    walk_block(d->payload + block_offset(l, c), b, m, d->accumulate ? add_entry : put_entry, &s);
 }
 
 /* Decodes (accumulate = 0: out = decoded) or accumulates (out += weight * decoded) a payload of

@@ -204,7 +204,7 @@ class SwarmConfig:
         4096, "sparse codec: values per chunk, each chunk sends its own top-k (a power of two, 64..65536)"
     )
     sparse_k: int = _f(
-        160, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 160 = 3.9%%)"
+        300, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 300 = 7.3%%)"
     )
     sparse_bits: int = _f(
         2, "sparse codec: bits per sent value, one of them the sign (1..8); the rest pick a magnitude level"

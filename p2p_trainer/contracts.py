@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from p2p_trainer.codec.sparse_format import VERSION as SPARSE_VERSION
+
 if TYPE_CHECKING:
     from p2p_trainer.config import Config
 
@@ -54,15 +56,19 @@ def run_fingerprint(cfg: Config, tokenizer_sha256: str, vocab_size: int) -> dict
         "run_id": cfg.swarm.run_id,
         "model": asdict(cfg.model) | {"vocab_size": cfg.model.vocab_size or vocab_size},
         "tokenizer_sha256": tokenizer_sha256,
-        # the reducer's codec settings decide the averages everyone applies: they must match
-        "codec": cfg.swarm.codec
-        if cfg.swarm.codec != "sparse"
-        else f"sparse/{cfg.swarm.sparse_chunk}/{cfg.swarm.sparse_k}/{cfg.swarm.sparse_bits}",
+        # the reducer's codec settings (and the sparse wire format's version) decide the averages
+        # everyone applies: they must match
+        "codec": cfg.swarm.codec if cfg.swarm.codec != "sparse" else _sparse_codec(cfg),
         "data_mix": [[s["name"], float(s.get("weight", 1.0))] for s in cfg.data.sources],
         "seq_len": cfg.model.seq_len,
         "round_tokens": cfg.swarm.round_tokens,  # how a round closes (0: fixed H); `status` needs it for ETAs
         "overlap": cfg.outer.overlap,  # what an outer step means (see outer_sync): peers must agree
     } | ({"private": sorted(cfg.swarm.private)} if cfg.swarm.private else {})
+
+
+def _sparse_codec(cfg: Config) -> str:
+    s = cfg.swarm
+    return f"sparse-v{SPARSE_VERSION}/{s.sparse_chunk}/{s.sparse_k}/{s.sparse_bits}"
 
 
 def canonical_fingerprint(fingerprint: dict) -> str:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "native", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "native", "reference")
-ABI_VERSION = 1
+ABI_VERSION = 2
 _ERR_ARGS, _ERR_MEMORY = -2, -3
 
 _warned: set[native.BuildConfig] = set()
@@ -114,7 +114,7 @@ class SparseCodec:
     """Top-k per chunk, low-bit values, compact indices; see ``sparse_format``.
 
     ``chunk_size`` (default 4096, a power of two in [64, 65536]): values per chunk;
-    ``k`` (default 64): entries sent per chunk, at most ``chunk_size / 2``;
+    ``k`` (default 300): entries sent per chunk, at most ``chunk_size / 2``;
     ``value_bits`` (default 2, in [1, 8]): bits per sent value, one of them the sign.
     ``backend`` is ``"native"`` (the C kernel; ``NativeUnavailable`` on first use if it cannot be
     built), ``"reference"`` (pure torch) or ``"auto"`` (native, else the reference after one warning).

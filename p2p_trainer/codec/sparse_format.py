@@ -23,31 +23,38 @@ shorter) with ``kc = min(k, n)`` slots:
    ``float(s / count)`` where ``s`` sums its ``a`` sequentially in index order in double, starting at
    ``+0.0``; an empty bucket gets ``float(lo + ((hi - lo) * (j + 0.5)) / L)``. So a chunk whose kept
    magnitudes are all equal round-trips exactly, and every level is finite and ``>= 0``.
-4. Code: ``code = sign | q << 1`` (``sign`` = the sign bit of ``x[idx]``), and the slot is
-   ``idx | code << index_bits`` with ``index_bits = log2(chunk_size)``: ``slot_bits = index_bits +
-   value_bits`` bits. Slots ``m .. kc-1`` are all-zero padding.
+4. Code: ``code = sign | q << 1`` (``sign`` = the sign bit of ``x[idx]``).
+5. Indices, Elias-Fano: with ``low_bits = floor(log2(n / kc))``, each index splits into its low
+   ``low_bits`` bits and its high part ``idx >> low_bits``. Kept entry ``j`` (in index order) is the
+   slot ``low | code << low_bits`` (``slot_bits = low_bits + value_bits`` bits) and a one at bit
+   ``(idx >> low_bits) + j`` of the chunk's high bitmap of ``((n - 1) >> low_bits) + 1 + kc`` bits.
+   Slots ``m .. kc-1`` are all-zero padding. Naming a position costs ``low_bits + 2`` bits or less
+   on average (about 5 at 4096 / 300), against ``log2(n)`` for a plain index (12).
 
-Decoding: ``out[chunk_start + idx] = -level[q]`` if ``sign`` else ``level[q]``, every other entry
-``+0.0``; ``decode_accumulate`` adds ``float32(weight) * (+-level[q])`` (one fp32 product, one fp32 add,
-one write per kept position, so the order of positions does not matter).
+Decoding: entry ``j``'s index is ``(p_j - j) << low_bits | low_j`` where ``p_j`` is the position of
+the ``j``-th one of the bitmap; ``out[chunk_start + idx] = -level[q]`` if ``sign`` else ``level[q]``,
+every other entry ``+0.0``; ``decode_accumulate`` adds ``float32(weight) * (+-level[q])`` (one fp32
+product, one fp32 add, one write per kept position, so the order of positions does not matter).
 
 Payload (little endian), sections in this order:
 
-- a 32-byte header: magic ``P2SP``, version u8, value_bits u8, reserved u16 (0), numel u64,
+- a 32-byte header: magic ``P2SP``, version u8 (2), value_bits u8, reserved u16 (0), numel u64,
   chunk_size u32, k u32, n_chunks u32, reserved u32 (0);
 - levels: ``n_chunks`` tables of ``L`` fp32 (finite, ``>= 0``);
 - counts: ``n_chunks`` u16, the ``m`` of each chunk (``<= kc``);
-- slots: one block per chunk, ``ceil(kc * slot_bits / 8)`` bytes, slot ``s`` at bits ``[s * slot_bits,
-  (s + 1) * slot_bits)`` of the block read as a little-endian bit string (bit ``p`` is bit ``p % 8`` of
-  byte ``p // 8``). Blocks start on byte boundaries so chunks can be written and read in parallel;
-  padding slots and the bits after the last slot are zero, and the ``m`` indices of a chunk are
-  strictly increasing and below its length. A payload breaking any of these rules is refused.
+- blocks: one per chunk, read as a little-endian bit string (bit ``p`` is bit ``p % 8`` of byte
+  ``p // 8``): the ``kc`` slots (slot ``s`` at bits ``[s * slot_bits, (s + 1) * slot_bits)``), then
+  the high bitmap, then zero bits up to the byte boundary. A block's size depends only on ``n`` and
+  ``kc``, so chunks can be written and read in parallel. Padding slots and the bits after the bitmap
+  are zero, the bitmap holds exactly ``m`` ones, and the ``m`` indices of a chunk are strictly
+  increasing and below its length. A payload breaking any of these rules is refused.
 
-Defaults: chunks of 4096 values, ``k = 160`` (3.9%), 2-bit values (a sign and one magnitude bit,
-SparseLoCo's width). A full chunk costs 8 bytes of levels, 2 of count and 160 x 14 bits = 280 of
-slots: 290 bytes for 16 KiB of fp32, 56x smaller (0.57 bits per value). ``k`` was chosen by
-measurement: the most entries that keep a round 50x below fp32 with some margin, because held-out
-loss improved with every entry added (bench/notes/paired.md: k = 64, 134x, was 1.3% worse at H=10).
+Defaults: chunks of 4096 values, ``k = 300`` (7.3%), 2-bit values (a sign and one magnitude bit,
+SparseLoCo's width). A full chunk costs 8 bytes of levels, 2 of count and 300 x 5 bits of slots
+plus a 812-bit bitmap (289 bytes): 299 bytes for 16 KiB of fp32, 55x smaller (0.58 bits per value).
+``k`` was chosen by measurement: held-out loss improved with every entry added (bench/notes/paired.md),
+and 300 is the most that keeps a 4-peer round 50x below fp32 with some margin. Version 1 named each
+position with a plain 12-bit index and fitted only 160 entries in about the same bytes.
 """
 
 from __future__ import annotations
@@ -61,9 +68,9 @@ import numpy as np
 from p2p_trainer.codec.base import CodecError, as_bytes
 
 MAGIC = b"P2SP"
-VERSION = 1
+VERSION = 2
 DEFAULT_CHUNK_SIZE = 4096
-DEFAULT_K = 160
+DEFAULT_K = 300
 DEFAULT_VALUE_BITS = 2
 MIN_CHUNK_SIZE = 64
 MAX_CHUNK_SIZE = 1 << 16  # indices fit 16 bits and counts (<= chunk / 2) a u16
@@ -102,20 +109,36 @@ class SparseParams:
             )
 
     @property
-    def index_bits(self) -> int:
-        return self.chunk_size.bit_length() - 1
-
-    @property
-    def slot_bits(self) -> int:
-        return self.index_bits + self.value_bits
-
-    @property
     def n_levels(self) -> int:
         return 1 << (self.value_bits - 1)
 
     @property
     def density(self) -> float:
         return self.k / self.chunk_size
+
+
+def low_bits(n: int, kc: int) -> int:
+    """Elias-Fano's split for ``kc`` indices below ``n``: ``floor(log2(n / kc))`` low bits each."""
+    return (n // kc).bit_length() - 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """The bit layout of one chunk's block: a pure function of the chunk's length and slot count."""
+
+    n: int  # values in the chunk
+    kc: int  # slots
+    low_bits: int
+    slot_bits: int
+    bitmap_bits: int
+    size: int  # bytes
+
+    @classmethod
+    def of(cls, n: int, kc: int, value_bits: int) -> Block:
+        low = low_bits(n, kc)
+        bitmap = ((n - 1) >> low) + 1 + kc
+        slot = low + value_bits
+        return cls(n, kc, low, slot, bitmap, -(-(kc * slot + bitmap) // 8))
 
 
 @dataclass(frozen=True)
@@ -127,15 +150,25 @@ class Layout:
     n_chunks: int
     last_n: int  # values in the last chunk (0 when numel == 0)
     last_k: int  # slots of the last chunk
-    block_bytes: int  # slot bytes of every chunk but the last
-    last_block_bytes: int
+    block: Block  # every chunk's but the last
+    last_block: Block | None  # None when numel == 0
     levels_offset: int
     counts_offset: int
     slots_offset: int
     size: int
 
+    @property
+    def block_bytes(self) -> int:
+        return self.block.size
+
     def chunk_k(self, c: int) -> int:
         return self.last_k if c == self.n_chunks - 1 else self.params.k
+
+    def block_of(self, c: int) -> Block:
+        return self.last_block if c == self.n_chunks - 1 and self.last_block else self.block
+
+    def block_offset(self, c: int) -> int:
+        return self.slots_offset + c * self.block.size
 
 
 def layout(numel: int, params: SparseParams) -> Layout:
@@ -144,12 +177,12 @@ def layout(numel: int, params: SparseParams) -> Layout:
     chunks = -(-numel // params.chunk_size)
     last_n = numel - (chunks - 1) * params.chunk_size if chunks else 0
     last_k = min(params.k, last_n)
-    block = -(-params.k * params.slot_bits // 8)
-    last_block = -(-last_k * params.slot_bits // 8)
+    block = Block.of(params.chunk_size, params.k, params.value_bits)
+    last_block = Block.of(last_n, last_k, params.value_bits) if chunks else None
     levels_at = HEADER_SIZE
     counts_at = levels_at + 4 * params.n_levels * chunks
     slots_at = counts_at + 2 * chunks
-    size = slots_at + (block * (chunks - 1) + last_block if chunks else 0)
+    size = slots_at + (block.size * (chunks - 1) + last_block.size if last_block else 0)
     return Layout(
         numel, params, chunks, last_n, last_k, block, last_block, levels_at, counts_at, slots_at, size
     )
@@ -238,71 +271,61 @@ class Slots:
     levels: np.ndarray  # float32, the magnitude each entry decodes to
 
 
-def _unpack_blocks(blob: np.ndarray, rows: int, k: int, slot_bits: int) -> np.ndarray:
-    """(rows, k) slot values from ``rows`` byte blocks of ``ceil(k * slot_bits / 8)`` bytes; raises if
-    the bits after the last slot of a block are not zero."""
-    bits = np.unpackbits(blob.reshape(rows, -1), axis=1, bitorder="little")
-    if bits[:, k * slot_bits :].any():
-        row = int(np.flatnonzero(bits[:, k * slot_bits :].any(axis=1))[0])
-        raise CodecError(f"sparse payload block {row} has non-zero padding bits after its last slot")
+def _unpack_slots(bits: np.ndarray, kc: int, slot_bits: int) -> np.ndarray:
+    """(rows, kc) slot values from the first ``kc * slot_bits`` bits of each row."""
+    rows = bits.shape[0]
     # regroup each slot's bits into a zero-padded little-endian u32
-    padded = np.zeros((rows, k, 32), dtype=np.uint8)
-    padded[:, :, :slot_bits] = bits[:, : k * slot_bits].reshape(rows, k, slot_bits)
+    padded = np.zeros((rows, kc, 32), dtype=np.uint8)
+    padded[:, :, :slot_bits] = bits[:, : kc * slot_bits].reshape(rows, kc, slot_bits)
     return np.packbits(padded, axis=2, bitorder="little").view("<u4")[:, :, 0].astype(np.int64)
 
 
-def _check_rows(
-    slots: np.ndarray, counts: np.ndarray, lengths: np.ndarray, first: int, p: SparseParams
-) -> None:
-    rows, k = slots.shape
-    used = np.arange(k)[None, :] < counts[:, None]
-    if (slots[~used] != 0).any():
-        c = first + int(np.flatnonzero(((slots != 0) & ~used).any(axis=1))[0])
-        raise CodecError(f"sparse payload chunk {c} has non-zero padding slots")
-    index = slots & (p.chunk_size - 1)
-    out_of_range = used & (index >= lengths[:, None])
-    if out_of_range.any():
-        c = int(np.flatnonzero(out_of_range.any(axis=1))[0])
-        raise CodecError(f"sparse payload chunk {first + c} has an index past its {int(lengths[c])} values")
-    not_increasing = used[:, 1:] & (index[:, 1:] <= index[:, :-1])
-    if not_increasing.any():
-        c = int(np.flatnonzero(not_increasing.any(axis=1))[0])
-        raise CodecError(f"sparse payload chunk {first + c} has indices that are not strictly increasing")
+def _decode_blocks(
+    blob: np.ndarray, rows: int, b: Block, counts: np.ndarray, first: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check ``rows`` consecutive blocks of layout ``b`` and return their kept entries as flat arrays,
+    row by row in index order: the row, the index in the chunk and the code of each."""
+    bits = np.unpackbits(blob.reshape(rows, -1), axis=1, bitorder="little")
+    slot_end = b.kc * b.slot_bits
+    end = slot_end + b.bitmap_bits
+
+    def refuse(bad_rows: np.ndarray, what: str) -> None:
+        if bad_rows.any():
+            raise CodecError(f"sparse payload chunk {first + int(np.flatnonzero(bad_rows)[0])} {what}")
+
+    refuse(bits[:, end:].any(axis=1), "has non-zero padding bits after its bitmap")
+    slots = _unpack_slots(bits, b.kc, b.slot_bits)
+    used = np.arange(b.kc)[None, :] < counts[:, None]
+    refuse(((slots != 0) & ~used).any(axis=1), "has non-zero padding slots")
+    bitmap = bits[:, slot_end:end]
+    refuse(np.count_nonzero(bitmap, axis=1) != counts, "has a high bitmap whose ones do not match its count")
+    row, at = np.nonzero(bitmap)  # row-major: each row's ones in increasing position
+    j = np.arange(row.size) - (np.cumsum(counts) - counts)[row]  # which entry of its row each one is
+    slot = slots[row, j]
+    index = (at - j) << b.low_bits | (slot & ((1 << b.low_bits) - 1))
+    refuse(np.bincount(row[index >= b.n], minlength=rows) > 0, f"has an index past its {b.n} values")
+    same_row = row[1:] == row[:-1]
+    repeated = row[1:][same_row & (index[1:] <= index[:-1])]
+    refuse(np.bincount(repeated, minlength=rows) > 0, "has indices that are not strictly increasing")
+    return row, index, slot >> b.low_bits
 
 
 def unpack_slots(parsed: Parsed) -> Slots:
-    """Validate the slot bits of every chunk and return the kept entries (pure numpy, bounded memory)."""
+    """Validate the blocks of every chunk and return the kept entries (pure numpy, bounded memory)."""
     lay, p = parsed.layout, parsed.params
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     full = lay.n_chunks - 1 if lay.n_chunks else 0  # the last chunk goes alone: its k and length differ
-    step = max(1, _GROUP_BYTES // max(1, lay.block_bytes))
-    groups = [(c, min(full, c + step), p.k, lay.block_bytes) for c in range(0, full, step)]
-    if lay.n_chunks:
-        groups.append((full, full + 1, lay.last_k, lay.last_block_bytes))
-    for first, last, k, block in groups:
+    step = max(1, _GROUP_BYTES // lay.block.size)
+    groups = [(c, min(full, c + step), lay.block) for c in range(0, full, step)]
+    if lay.last_block:
+        groups.append((full, full + 1, lay.last_block))
+    for first, last, b in groups:
         rows = last - first
-        if k == 0 or rows == 0:
-            continue
-        at = lay.slots_offset + first * lay.block_bytes
-        blob = np.frombuffer(parsed.payload, np.uint8, count=rows * block, offset=at)
-        slots = _unpack_blocks(blob, rows, k, p.slot_bits)
-        counts = parsed.counts[first:last]
-        lengths = np.full(rows, p.chunk_size, dtype=np.int64)
-        if last == lay.n_chunks:
-            lengths[-1] = lay.last_n
-        _check_rows(slots, counts, lengths, first, p)
-        used = np.arange(k)[None, :] < counts[:, None]
-        chunk = np.arange(first, last, dtype=np.int64)[:, None]
-        codes = slots >> p.index_bits
-        q = codes >> 1
+        blob = np.frombuffer(parsed.payload, np.uint8, count=rows * b.size, offset=lay.block_offset(first))
+        row, index, code = _decode_blocks(blob, rows, b, parsed.counts[first:last], first)
+        chunk = first + row
         levels = parsed.levels[first:last].astype(np.float32)
-        parts.append(
-            (
-                (chunk * p.chunk_size + (slots & (p.chunk_size - 1)))[used],
-                (codes & 1)[used].astype(bool),
-                np.take_along_axis(levels, q, axis=1)[used],
-            )
-        )
+        parts.append((chunk * p.chunk_size + index, (code & 1).astype(bool), levels[row, code >> 1]))
     if not parts:
         return Slots(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.float32))
     return Slots(*(np.concatenate(column) for column in zip(*parts, strict=True)))

@@ -70,25 +70,29 @@ def _quantize(key: np.ndarray, kept: np.ndarray, n_levels: int) -> tuple[np.ndar
     return q, levels
 
 
-def _pack(slots: np.ndarray, slot_bits: int, block_bytes: int) -> np.ndarray:
-    """(rows, kc) slot values -> (rows, block_bytes) bytes, slot s at bits [s*w, (s+1)*w), LSB first."""
+def _pack(slots: np.ndarray, pos: np.ndarray, kept: np.ndarray, b: fmt.Block) -> np.ndarray:
+    """Step 5: (rows, kc) slot values and kept positions -> (rows, b.size) blocks: the slots, LSB
+    first, then the high bitmap with a one at ``(pos >> low_bits) + j`` for kept entry ``j``."""
     rows, kc = slots.shape
-    bits = ((slots[:, :, None] >> np.arange(slot_bits)) & 1).astype(np.uint8).reshape(rows, kc * slot_bits)
-    padded = np.zeros((rows, 8 * block_bytes), dtype=np.uint8)
-    padded[:, : kc * slot_bits] = bits
-    return np.packbits(padded, axis=1, bitorder="little")
+    bits = np.zeros((rows, 8 * b.size), dtype=np.uint8)
+    width = b.slot_bits
+    bits[:, : kc * width] = ((slots[:, :, None] >> np.arange(width)) & 1).reshape(rows, kc * width)
+    row, j = np.nonzero(kept)  # kept slots come first in each row, so j counts the row's entries
+    bits[row, kc * width + (pos[row, j] >> b.low_bits) + j] = 1
+    return np.packbits(bits, axis=1, bitorder="little")
 
 
 def encode_rows(
-    rows: np.ndarray, kc: int, params: fmt.SparseParams, block_bytes: int
+    rows: np.ndarray, params: fmt.SparseParams, b: fmt.Block
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Levels (rows, L) fp32, counts (rows,) and slot blocks (rows, block_bytes) of whole chunks."""
-    pos, key, kept = _select(rows, kc)
+    """Levels (rows, L) fp32, counts (rows,) and blocks (rows, b.size) of whole chunks."""
+    pos, key, kept = _select(rows, b.kc)
     q, levels = _quantize(key, kept, params.n_levels)
     negative = np.take_along_axis(rows.view(np.int32), pos, axis=1) < 0
     code = negative.astype(np.int64) | (q << 1)
-    slots = np.where(kept, pos | (code << params.index_bits), 0)
-    return levels, np.count_nonzero(kept, axis=1), _pack(slots, params.slot_bits, block_bytes)
+    low = pos & ((1 << b.low_bits) - 1)
+    slots = np.where(kept, low | (code << b.low_bits), 0)
+    return levels, np.count_nonzero(kept, axis=1), _pack(slots, pos, kept, b)
 
 
 def encode(x: torch.Tensor, params: fmt.SparseParams) -> bytes:
@@ -104,12 +108,12 @@ def encode(x: torch.Tensor, params: fmt.SparseParams) -> bytes:
     for first in range(0, full, per_group):
         last = min(full, first + per_group)
         rows = values[first * c : last * c].reshape(last - first, c)
-        lv, ct, bl = encode_rows(rows, params.k, params, lay.block_bytes)
+        lv, ct, bl = encode_rows(rows, params, lay.block)
         levels[first:last], counts[first:last] = lv, ct
         blocks.append(bl.tobytes())
     if full < lay.n_chunks:  # a short last chunk
         rows = values[full * c :].reshape(1, -1)
-        lv, ct, bl = encode_rows(rows, lay.last_k, params, lay.last_block_bytes)
+        lv, ct, bl = encode_rows(rows, params, lay.last_block)
         levels[full:], counts[full:] = lv, ct
         blocks.append(bl.tobytes())
     return b"".join([fmt.pack_header(x.numel(), params), levels.tobytes(), counts.tobytes(), *blocks])

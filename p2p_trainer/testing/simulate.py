@@ -29,9 +29,11 @@ def swarm_average(
     mode: str = "mean",
     tau: float = 2.0,
     raw: dict[int, Callable[[int, int], bytes]] | None = None,
+    return_codec: Codec | None = None,
 ) -> torch.Tensor:
     """decode(encode(combine(decode(encode(Δ_j))))) slice by slice, as the reducers compute it;
-    ``raw[j](lo, hi)`` replaces worker j's encoded part of a slice with any bytes."""
+    ``raw[j](lo, hi)`` replaces worker j's encoded part of a slice with any bytes; ``return_codec``
+    (default ``codec``) encodes the average that goes back."""
     if mode != "mean":
         weights = aggregation.bounded_weights(weights)
     numel = deltas[0].numel()
@@ -42,7 +44,8 @@ def swarm_average(
             for j, (d, w) in enumerate(zip(deltas, weights, strict=True))
         ]
         outcome = combine(codec, mode, tau, parts, hi - lo)
-        out[lo:hi] = codec.decode(codec.encode(outcome.average), hi - lo)
+        back = return_codec or codec
+        out[lo:hi] = back.decode(back.encode(outcome.average), hi - lo)
     return out
 
 
