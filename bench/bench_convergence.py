@@ -185,9 +185,10 @@ def job_diloco(spec: dict) -> dict:
     """k simulated workers over the swarm's own pieces. ``aggregation`` (mean | clip), ``overlap``
     (none | delayed | eager, as ``OuterSync`` does them) and ``error_feedback`` as in the trainer's
     config; the reducers' arithmetic is ``testing.simulate.swarm_average``. Beside the trainer's
-    settings, for measuring alternatives: ``sparse_k``, ``return_k`` (the average goes back with
-    another k), ``full_return`` (each worker's residual takes its sent part minus the applied
-    average everywhere, not only where the average is zero) and ``top_k_bound``."""
+    settings, for measuring alternatives: ``sparse_chunk``, ``sparse_k``, ``sparse_bits``,
+    ``return_k`` (the average goes back with another k), ``full_return`` (each worker's residual
+    takes its sent part minus the applied average everywhere, not only where the average is zero)
+    and ``top_k_bound``."""
     import torch
 
     from p2p_trainer.codec import get_codec
@@ -205,7 +206,9 @@ def job_diloco(spec: dict) -> dict:
     diloco = DiLoCo(warm["params"], outer)
     from p2p_trainer.codec.sparse_format import SparseParams
 
-    sparse = SparseParams(k=spec.get("sparse_k", SparseParams().k))
+    default = SparseParams()
+    sparse = SparseParams(spec.get("sparse_chunk", default.chunk_size), spec.get("sparse_k", default.k),
+                          spec.get("sparse_bits", default.value_bits))  # fmt: skip
     codec = get_codec(spec["codec"], sparse=sparse)
     # the reducers send the average back with a different k (an asymmetric code, not the swarm's)
     back = get_codec("sparse", sparse=SparseParams(k=spec["return_k"])) if "return_k" in spec else None

@@ -15,9 +15,10 @@ baseline (int8, plain mean, blocking):
   last boundary is reported beside it;
 - ``sparse``: the sparse codec (its defaults, error feedback), at the H's outer and at the other of
   Nesterov / plain averaging with error feedback alone (issue 15: within 1%);
-- ``sparse-asym`` / ``sparse-full-return``: alternatives to the sparse default, measured and not
-  taken (plain averaging): the same bytes split as k 150 out and 450 back, and a residual that takes
-  the worker's sent part minus the applied average everywhere;
+- ``sparse-asym`` / ``sparse-full-return`` / ``sparse-2bit``: alternatives to the sparse default,
+  measured and not taken (plain averaging): about the same bytes split as k 150 out and 450 back, a
+  residual that takes the worker's sent part minus the applied average everywhere, and two bits per
+  value at k 320 (about the default's bytes);
 - ``sparse-bound``: a top-k code at its best within 50x fewer bytes than fp32: the exact top
   ``BOUND_K`` of each 4096 values in fp32, averaged exactly (no return leg dropping anything), with
   error feedback and plain averaging. 50x leaves 4096 * 32 / 50 = 2621 bits per chunk; naming 448 of
@@ -64,11 +65,13 @@ EXTRA = {
     # alternatives measured, not the trainer's (see bench/notes/paired.md)
     "sparse-asym": f"sparse, k {ASYM_K[0]} out and {ASYM_K[1]} back (not the swarm's code)",
     "sparse-full-return": "sparse, residual takes sent - applied everywhere (not the trainer's rule)",
+    "sparse-2bit": "sparse, k 320 and 2 bits (about the default's bytes)",
 }
 # plain averaging, one change from the sparse default each
 _SPARSE_ALTERNATIVES = {
     "sparse-asym": {"sparse_k": ASYM_K[0], "return_k": ASYM_K[1]},
     "sparse-full-return": {"full_return": True},
+    "sparse-2bit": {"sparse_k": 320, "sparse_bits": 2},
 }
 
 

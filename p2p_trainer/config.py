@@ -204,10 +204,10 @@ class SwarmConfig:
         4096, "sparse codec: values per chunk, each chunk sends its own top-k (a power of two, 64..65536)"
     )
     sparse_k: int = _f(
-        300, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 300 = 7.3%%)"
+        384, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 384 = 9.4%%)"
     )
     sparse_bits: int = _f(
-        2, "sparse codec: bits per sent value, one of them the sign (1..8); the rest pick a magnitude level"
+        1, "sparse codec: bits per sent value, one of them the sign (1..8); the rest pick a magnitude level"
     )
     target_group_size: int = _f(16, "most peers in one all-reduce group")
     min_group_size: int = _f(1, "fewest peers for a round to count (1 lets a lone peer keep training)")

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from p2p_trainer.codec import Codec, CodecError, SparseParams, get_codec, native
 from p2p_trainer.codec import sparse_format as fmt
 from p2p_trainer.codec.sparse import SparseCodec
-from p2p_trainer.config import ConfigError, SwarmConfig
+from p2p_trainer.config import ConfigError, SwarmConfig, load_config
+from p2p_trainer.contracts import run_fingerprint
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,7 +131,7 @@ INPUTS: dict[str, tuple] = {
 def test_registry_and_params() -> None:
     codec = get_codec("sparse")
     assert isinstance(codec, SparseCodec) and isinstance(codec, Codec) and codec.name == "sparse"
-    assert codec.params == SparseParams(4096, 300, 2)
+    assert codec.params == SparseParams(4096, 384, 1)
     custom = get_codec("sparse", backend="reference", sparse=SparseParams(1024, 8, 3))
     assert custom.params == SparseParams(1024, 8, 3)  # type: ignore[attr-defined]
     assert get_codec("int8", sparse=SparseParams(1024, 8, 3)).name == "int8"  # ignored by the others
@@ -159,12 +160,21 @@ def test_swarm_config_fields() -> None:
             bad.validate()
 
 
+def test_the_run_fingerprint_names_the_sparse_format_and_its_parameters() -> None:
+    # peers with another wire format or other parameters would decode each other's parts wrongly
+    # or not at all: they must not share a run
+    overrides = {"swarm.codec": "sparse", "swarm.sparse_k": 20, "swarm.sparse_chunk": 1024}
+    sparse = run_fingerprint(load_config("configs/debug.toml", overrides), "tok", 256)
+    assert sparse["codec"] == "sparse-v2/1024/20/1" and fmt.VERSION == 2
+    assert run_fingerprint(load_config("configs/debug.toml", {}), "tok", 256)["codec"] == "int8"
+
+
 def test_payload_size_and_compression(sparse: SparseCodec) -> None:
     n = (1 << 18) + 3
     payload = sparse.encode(torch.randn(n, generator=gen(11)))
     assert len(payload) == fmt.payload_size(n) == sparse.payload_size(n)
     one_leg = 4 * n / len(payload)
-    assert one_leg > 54.5, one_leg  # 0.58 bits per value: 55x on whole chunks
+    assert one_leg > 52.5, one_leg  # 0.61 bits per value: 53x on whole chunks
     # A 4-peer butterfly round: 3/4 of our payload out, 3/4 of the average's payload back, against
     # fp32's 2 * 3/4 * 4 bytes per value. The average's payload has the same size as ours.
     round_ratio = (2 * 0.75 * 4 * n) / (0.75 * len(payload) + 0.75 * len(payload))
@@ -219,8 +229,9 @@ def test_levels_are_bucket_means(sparse: SparseCodec, build: native.BuildConfig)
         assert torch.unique(ys[kept].abs()).numel() == 1
         assert ys[kept].abs()[0].item() == pytest.approx(xs[kept].double().abs().mean().item(), rel=1e-7)
     # Two bits: the two levels split the kept magnitudes at the middle of their range.
+    two_bits = SparseCodec(sparse.requested_backend, build=build, value_bits=2)
     x = torch.randn(4096, generator=gen(13))
-    y = sparse.decode(sparse.encode(x), 4096)
+    y = two_bits.decode(two_bits.encode(x), 4096)
     a, b = x[y != 0].double().abs(), y[y != 0].double().abs()
     middle = (a.min() + a.max()) / 2
     low, high = a < middle, a >= middle
@@ -237,9 +248,9 @@ def test_equal_magnitudes_round_trip_exactly(sparse: SparseCodec) -> None:
 
 
 def test_gaussian_error_and_error_feedback(sparse: SparseCodec) -> None:
-    # The top 7.3% of a Gaussian (|x| > 1.79) holds 36% of its energy: sqrt(1 - 0.36) = 0.80 is left
-    # (0.7999 for this x's exact top k), and what is left is what error feedback carries. Two
-    # magnitude levels per chunk add little to that.
+    # The top 9.4% of a Gaussian (|x| > 1.68) holds 42% of its energy: sqrt(1 - 0.42) = 0.76 is left
+    # (0.7605 for this x's exact top k), and what is left is what error feedback carries. One
+    # magnitude per chunk adds little to that (0.7688).
     x = torch.randn(1 << 18, generator=gen(14))
     rows = x.view(-1, 4096)
     top = rows.abs().topk(fmt.DEFAULT_K, dim=1).indices
@@ -247,7 +258,7 @@ def test_gaussian_error_and_error_feedback(sparse: SparseCodec) -> None:
     floor = ((x - exact).norm() / x.norm()).item()
     y = sparse.decode(sparse.encode(x), x.numel())
     rel = ((y - x).norm() / x.norm()).item()
-    assert 0.79 < floor < rel < floor + 0.005, (floor, rel)
+    assert 0.75 < floor < rel < floor + 0.01, (floor, rel)
     residual = x - y  # error feedback: the next round sends the largest entries of what is left
     z = sparse.decode(sparse.encode(residual), x.numel())
     two_rounds = ((x - y - z).norm() / x.norm()).item()

@@ -29,7 +29,7 @@ shorter) with ``kc = min(k, n)`` slots:
    slot ``low | code << low_bits`` (``slot_bits = low_bits + value_bits`` bits) and a one at bit
    ``(idx >> low_bits) + j`` of the chunk's high bitmap of ``((n - 1) >> low_bits) + 1 + kc`` bits.
    Slots ``m .. kc-1`` are all-zero padding. Naming a position costs ``low_bits + 2`` bits or less
-   on average (about 5 at 4096 / 300), against ``log2(n)`` for a plain index (12).
+   (about 5.3 at 4096 / 384), against ``log2(n)`` for a plain index (12).
 
 Decoding: entry ``j``'s index is ``(p_j - j) << low_bits | low_j`` where ``p_j`` is the position of
 the ``j``-th one of the bitmap; ``out[chunk_start + idx] = -level[q]`` if ``sign`` else ``level[q]``,
@@ -49,12 +49,14 @@ Payload (little endian), sections in this order:
   are zero, the bitmap holds exactly ``m`` ones, and the ``m`` indices of a chunk are strictly
   increasing and below its length. A payload breaking any of these rules is refused.
 
-Defaults: chunks of 4096 values, ``k = 300`` (7.3%), 2-bit values (a sign and one magnitude bit,
-SparseLoCo's width). A full chunk costs 8 bytes of levels, 2 of count and 300 x 5 bits of slots
-plus a 812-bit bitmap (289 bytes): 299 bytes for 16 KiB of fp32, 55x smaller (0.58 bits per value).
-``k`` was chosen by measurement: held-out loss improved with every entry added (bench/notes/paired.md),
-and 300 is the most that keeps a 4-peer round 50x below fp32 with some margin. Version 1 named each
-position with a plain 12-bit index and fitted only 160 entries in about the same bytes.
+Defaults: chunks of 4096 values, ``k = 384`` (9.4%), 1-bit values (the sign; every kept entry of
+a chunk decodes to the chunk's mean kept magnitude). A full chunk costs 4 bytes of level, 2 of count
+and 384 x 4 bits of slots plus a 896-bit bitmap (304 bytes): 310 bytes for 16 KiB of fp32, 53x
+smaller (0.61 bits per value). Both were chosen by measurement (bench/notes/paired.md): held-out
+loss improved with every entry added, and more than with magnitude bits for the same bytes (what a
+value's rounding misses, error feedback sends next round; an entry not sent waits whole). 384 is
+the most entries that keep a 4-peer round 50x below fp32 with some margin. Version 1 named each
+position with a plain 12-bit index and fitted only 160 two-bit entries in about the same bytes.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ from p2p_trainer.codec.base import CodecError, as_bytes
 MAGIC = b"P2SP"
 VERSION = 2
 DEFAULT_CHUNK_SIZE = 4096
-DEFAULT_K = 300
-DEFAULT_VALUE_BITS = 2
+DEFAULT_K = 384
+DEFAULT_VALUE_BITS = 1
 MIN_CHUNK_SIZE = 64
 MAX_CHUNK_SIZE = 1 << 16  # indices fit 16 bits and counts (<= chunk / 2) a u16
 MAX_VALUE_BITS = 8
