@@ -50,7 +50,7 @@ typedef struct {
 } block_layout;
 
 typedef struct {
-    int64_t n, chunk, k, n_chunks, last_n, last_k;
+    int64_t n, chunk, k, n_chunks;
     int64_t levels_off, counts_off, slots_off, size;
     int bits, n_levels;
     block_layout full, last;
@@ -79,10 +79,11 @@ static int make_layout(int64_t n, int64_t chunk, int64_t k, int bits, layout *l)
     l->bits = bits;
     l->n_levels = 1 << (bits - 1);
     l->n_chunks = (n + chunk - 1) / chunk;
-    l->last_n = l->n_chunks ? n - (l->n_chunks - 1) * chunk : 0;
-    l->last_k = k < l->last_n ? k : l->last_n;
     make_block(chunk, k, bits, &l->full);
-    if (l->n_chunks) make_block(l->last_n, l->last_k, bits, &l->last);
+    if (l->n_chunks) {
+        const int64_t last_n = n - (l->n_chunks - 1) * chunk;
+        make_block(last_n, k < last_n ? k : last_n, bits, &l->last);
+    }
     l->levels_off = HEADER_SIZE;
     l->counts_off = l->levels_off + 4 * (int64_t)l->n_levels * l->n_chunks;
     l->slots_off = l->counts_off + 2 * l->n_chunks;

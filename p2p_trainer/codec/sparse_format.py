@@ -150,8 +150,6 @@ class Layout:
     numel: int
     params: SparseParams
     n_chunks: int
-    last_n: int  # values in the last chunk (0 when numel == 0)
-    last_k: int  # slots of the last chunk
     block: Block  # every chunk's but the last
     last_block: Block | None  # None when numel == 0
     levels_offset: int
@@ -160,11 +158,17 @@ class Layout:
     size: int
 
     @property
-    def block_bytes(self) -> int:
-        return self.block.size
+    def last_n(self) -> int:
+        """Values in the last chunk (0 when numel == 0)."""
+        return self.last_block.n if self.last_block else 0
+
+    @property
+    def last_k(self) -> int:
+        """Slots of the last chunk."""
+        return self.last_block.kc if self.last_block else 0
 
     def chunk_k(self, c: int) -> int:
-        return self.last_k if c == self.n_chunks - 1 else self.params.k
+        return self.block_of(c).kc
 
     def block_of(self, c: int) -> Block:
         return self.last_block if c == self.n_chunks - 1 and self.last_block else self.block
@@ -178,16 +182,13 @@ def layout(numel: int, params: SparseParams) -> Layout:
         raise ValueError(f"numel must be an int in [0, {MAX_NUMEL}], got {numel!r}")
     chunks = -(-numel // params.chunk_size)
     last_n = numel - (chunks - 1) * params.chunk_size if chunks else 0
-    last_k = min(params.k, last_n)
     block = Block.of(params.chunk_size, params.k, params.value_bits)
-    last_block = Block.of(last_n, last_k, params.value_bits) if chunks else None
+    last_block = Block.of(last_n, min(params.k, last_n), params.value_bits) if chunks else None
     levels_at = HEADER_SIZE
     counts_at = levels_at + 4 * params.n_levels * chunks
     slots_at = counts_at + 2 * chunks
     size = slots_at + (block.size * (chunks - 1) + last_block.size if last_block else 0)
-    return Layout(
-        numel, params, chunks, last_n, last_k, block, last_block, levels_at, counts_at, slots_at, size
-    )
+    return Layout(numel, params, chunks, block, last_block, levels_at, counts_at, slots_at, size)
 
 
 def payload_size(numel: int, params: SparseParams | None = None) -> int:
