@@ -2,14 +2,18 @@
 (validation, fixed summation order, deadline), and the takeover rules of a round."""
 
 import asyncio
+import hashlib
 
+import numpy as np
 import pytest
 import torch
 
 from p2p_trainer.codec import get_codec
+from p2p_trainer.contracts import TensorVector
 from p2p_trainer.swarm.matchmaking import Group, Member
 from p2p_trainer.swarm.messages import PartHeader
 from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, slice_bounds
+from p2p_trainer.swarm.parts import OutgoingPart, Payloads, Replies
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.testing.swarm import reference_mean
 
@@ -237,3 +241,28 @@ def test_the_read_ahead_window_is_bounded_in_bytes_not_only_in_chunks():
     assert asyncio.run(window_after(4 << 20)) == 2  # fp32's 4 MiB chunks
     assert asyncio.run(window_after(64 << 20)) == 2  # never below 2: reading and reducing overlap
 
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_a_member_keeps_an_fp32_average_once_not_twice(name):
+    """The averaged chunks a member keeps (for takeovers, re-checks, the seal) are the output's own
+    bytes for the lossless codec, and the replies as they came for a lossy one; the same bytes."""
+    codec = get_codec(name)
+    bounds = chunk_bounds(NUMEL, 300)
+    replies = [codec.encode(torch.randn(hi - lo)) for lo, hi in bounds]
+    out = torch.zeros(NUMEL)
+    answer = SliceAnswer()
+
+    async def receive() -> str:
+        part = OutgoingPart(0, A, TensorVector(torch.zeros(NUMEL)), 1.0)
+        held = Replies(codec, out, Payloads(codec, part, bounds), answer)
+        for reply in replies:
+            await held.add(bytes(reply))
+        return await held.finish()
+
+    sha256 = asyncio.run(receive())
+    assert sha256 == hashlib.sha256(b"".join(replies)).hexdigest()
+    assert [bytes(c) for c in answer.chunks] == replies
+    shared = [np.shares_memory(np.frombuffer(c, np.uint8), out.numpy()) for c in answer.chunks]
+    assert shared == [name == "fp32"] * len(bounds)
+    for (lo, hi), reply in zip(bounds, replies, strict=True):
+        assert torch.equal(out[lo:hi], codec.decode(reply, hi - lo))

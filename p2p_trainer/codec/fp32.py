@@ -17,6 +17,12 @@ class Fp32Codec:
         check_input(x)
         return x.detach().numpy().astype(_LE_F32, copy=False).tobytes()
 
+    def payload_view(self, decoded: torch.Tensor) -> memoryview:
+        """The payload that decoded to ``decoded``, without a copy: a lossless codec's payload is its
+        values' bytes (so a receiver need not keep both)."""
+        check_out(decoded)
+        return memoryview(decoded.detach().numpy().astype(_LE_F32, copy=False)).cast("B")
+
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
         values = self._parse(payload, numel)
         out = torch.empty(numel, dtype=torch.float32)

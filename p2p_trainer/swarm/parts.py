@@ -125,6 +125,10 @@ class Replies:
             self._hash.update(chunk)
         self.hashing = True
         self._decoding: asyncio.Future[None] | None = None
+        self._decoded: tuple[int, bytes | memoryview] | None = None  # (chunk, reply) being decoded
+        # a lossless codec's reply is the bytes it decodes to: once decoded into the output, the
+        # output's own bytes stand in for it (fp32: a round keeps 1x of the vector, not 2x)
+        self._view = getattr(codec, "payload_view", None) if out is not None else None
 
     @property
     def held(self) -> int:
@@ -133,8 +137,10 @@ class Replies:
     async def add(self, reply: bytes | memoryview) -> None:
         """The next averaged chunk; RoundFailed when the one before it does not decode."""
         await self._wait()
-        lo, hi = self.bounds[len(self.answer.chunks)]
+        c = len(self.answer.chunks)
+        lo, hi = self.bounds[c]
         self.answer.chunks.append(reply)
+        self._decoded = (c, reply)
         self._decoding = asyncio.get_running_loop().run_in_executor(None, self._decode, reply, lo, hi)
 
     def _decode(self, reply: bytes | memoryview, lo: int, hi: int) -> None:
@@ -166,3 +172,11 @@ class Replies:
                 await asyncio.shield(decoding)
             except CodecError as e:
                 raise RoundFailed(f"a reducer sent a malformed average: {e}") from None
+            self._share(*self._decoded)
+
+    def _share(self, c: int, reply: bytes | memoryview) -> None:
+        """Hold decoded chunk ``c`` as a view of the output where the codec allows (see ``_view``)."""
+        chunks = self.answer.chunks
+        if self._view is not None and c < len(chunks) and chunks[c] is reply:
+            lo, hi = self.bounds[c]
+            chunks[c] = self._view(self.out[lo:hi])
