@@ -211,7 +211,10 @@ def job_diloco(spec: dict) -> dict:
                           spec.get("sparse_bits", default.value_bits))  # fmt: skip
     codec = get_codec(spec["codec"], sparse=sparse)
     # the reducers send the average back with a different k (an asymmetric code, not the swarm's)
-    back = get_codec("sparse", sparse=SparseParams(k=spec["return_k"])) if "return_k" in spec else None
+    back = None
+    if "return_k" in spec:
+        returned = SparseParams(sparse.chunk_size, spec["return_k"], sparse.value_bits)
+        back = get_codec("sparse", sparse=returned)
     ef = spec.get("error_feedback", spec["codec"] == "sparse")
     ef_return = spec.get("ef_return", ef)
     bound_k = spec.get("top_k_bound")  # instead of the codec: the best any top-k code could send

@@ -1,6 +1,6 @@
 """Round time over rate-limited links, and the compute utilization of real trainers on them.
 
-    python -m bench.bench_netns [--rates 100] [--numel 4194304] [--skip-utilization]
+    python -m bench.bench_netns [--rates 0 100] [--numel 4000000 16000000] [--skip-utilization]
 
 Every peer lives in its own network namespace, made here: a veth pair per peer to one bridge, both
 ends of each veth shaped with ``tc tbf`` (the peer's upload and its download, each at the link
@@ -9,8 +9,9 @@ the links are LAN-like in latency. Namespaces, veths and the bridge carry the pr
 they are removed afterwards, also when the run fails, and stale ones of dead runs are removed first.
 Needs root (``ip netns``); without it the benchmark returns a single row that says so.
 
-Part 1, all-reduce: 2 peers, ``numel`` fp32 each, same peer processes as ``bench_allreduce``
-(ours int8/fp32 and stock hivemind none/fp16 interleaved), next to the wire-time lower bound
+Part 1, all-reduce: 2 peers, ``numel`` fp32 each (4M, the size anchors.md measured stock hivemind
+at, and 16M, the loopback benchmark's), same peer processes as ``bench_allreduce`` (ours
+int8/fp32 and stock hivemind none/fp16 interleaved), next to the wire-time lower bound
 ``2 (N-1)/N x numel x bytes per value / rate``.
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
@@ -239,8 +240,8 @@ DEFAULT_GRID = [(100, 10, "int8", "none"), (10, 10, "int8", "none"), (10, 10, "f
                 (2, 10, "sparse", "eager")]
 
 
-def run(numel: int = 4_000_000, rates: tuple = (None, 100), rounds: int = 5, peers: int = 2,
-        grid: list | None = None, skip_utilization: bool = False) -> list[dict]:
+def run(numels: tuple[int, ...] = (4_000_000, 16_000_000), rates: tuple = (None, 100), rounds: int = 5,
+        peers: int = 2, grid: list | None = None, skip_utilization: bool = False) -> list[dict]:
     why = check_root()
     if why:
         return [{"bench": "netns", "skipped": why}]
@@ -249,7 +250,8 @@ def run(numel: int = 4_000_000, rates: tuple = (None, 100), rounds: int = 5, pee
     ok = False
     try:
         with Namespaces(peers) as nets:
-            rows += allreduce_rows(nets, numel, list(rates), rounds, work)
+            for numel in numels:
+                rows += allreduce_rows(nets, numel, list(rates), rounds, work)
             if not skip_utilization:
                 rows += utilization_rows(nets, grid or DEFAULT_GRID, work)
         ok = True
@@ -263,10 +265,11 @@ def run(numel: int = 4_000_000, rates: tuple = (None, 100), rounds: int = 5, pee
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--numel", type=int, default=4_000_000)
+    ap.add_argument("--numel", type=int, nargs="+", default=[4_000_000, 16_000_000])
     ap.add_argument("--rates", type=float, nargs="+", default=[0, 100], help="Mbit/s; 0 = unlimited")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-utilization", action="store_true")
     a = ap.parse_args()
-    for row in run(a.numel, tuple(r or None for r in a.rates), a.rounds, skip_utilization=a.skip_utilization):
+    for row in run(tuple(a.numel), tuple(r or None for r in a.rates), a.rounds,
+                   skip_utilization=a.skip_utilization):
         print(row)

@@ -35,19 +35,20 @@ from p2p_trainer.codec.sparse import SparseCodec, default_threads
 
 PEERS = 4
 SIZE_PARAMS = [
-    fmt.SparseParams(4096, 384, 1),  # the default
-    fmt.SparseParams(4096, 320, 2),  # two bits at about the same bytes
-    fmt.SparseParams(4096, 300, 2),
-    fmt.SparseParams(4096, 400, 1),
+    fmt.SparseParams(4096, 224, 4),  # the default
+    fmt.SparseParams(4096, 272, 3),  # three, two and one bit(s) at about the same bytes
+    fmt.SparseParams(4096, 320, 2),
+    fmt.SparseParams(4096, 384, 1),
     fmt.SparseParams(4096, 160, 2),  # the v1 format's default (its 12-bit indices took 290 bytes a chunk)
     fmt.SparseParams(4096, 64, 2),  # the first default
     fmt.SparseParams(1024, 96, 1),
 ]
 ACCURACY_PARAMS = [
-    fmt.SparseParams(4096, 384, 1),
+    fmt.SparseParams(4096, 224, 4),
+    fmt.SparseParams(4096, 272, 3),
     fmt.SparseParams(4096, 320, 2),
+    fmt.SparseParams(4096, 384, 1),
     fmt.SparseParams(4096, 160, 2),
-    fmt.SparseParams(4096, 384, 4),
 ]
 
 

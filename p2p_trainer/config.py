@@ -141,9 +141,14 @@ class InnerConfig:
             )
 
 
+# (outer lr, momentum) the sparse codec did best with in the paired benchmark: error feedback alone,
+# no outer momentum, and an lr that makes up for what waits in the residuals (bench/notes/paired.md)
+SPARSE_OUTER = (4.0, 0.0)
+
+
 @dataclass
 class OuterConfig:
-    lr: float = _f(0.7, "outer SGD learning rate")
+    lr: float = _f(0.7, "outer SGD learning rate (the sparse codec did best with 4.0 and momentum 0)")
     momentum: float = _f(0.9, "outer momentum")
     nesterov: bool = _f(True, "Nesterov momentum for the outer step")
     overlap: str = _f(
@@ -204,10 +209,10 @@ class SwarmConfig:
         4096, "sparse codec: values per chunk, each chunk sends its own top-k (a power of two, 64..65536)"
     )
     sparse_k: int = _f(
-        384, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 384 = 9.4%%)"
+        224, "sparse codec: entries sent per chunk, the largest by magnitude (1..sparse_chunk/2; 224 = 5.5%%)"
     )
     sparse_bits: int = _f(
-        1, "sparse codec: bits per sent value, one of them the sign (1..8); the rest pick a magnitude level"
+        4, "sparse codec: bits per sent value, one of them the sign (1..8); the rest pick a magnitude level"
     )
     target_group_size: int = _f(16, "most peers in one all-reduce group")
     min_group_size: int = _f(1, "fewest peers for a round to count (1 lets a lone peer keep training)")

@@ -114,8 +114,8 @@ class SparseCodec:
     """Top-k per chunk, low-bit values, compact indices; see ``sparse_format``.
 
     ``chunk_size`` (default 4096, a power of two in [64, 65536]): values per chunk;
-    ``k`` (default 384): entries sent per chunk, at most ``chunk_size / 2``;
-    ``value_bits`` (default 1, in [1, 8]): bits per sent value, one of them the sign.
+    ``k`` (default 224): entries sent per chunk, at most ``chunk_size / 2``;
+    ``value_bits`` (default 4, in [1, 8]): bits per sent value, one of them the sign.
     ``backend`` is ``"native"`` (the C kernel; ``NativeUnavailable`` on first use if it cannot be
     built), ``"reference"`` (pure torch) or ``"auto"`` (native, else the reference after one warning).
     Decoding accepts any valid parameters found in a payload's header, not only this codec's.

@@ -49,14 +49,14 @@ Payload (little endian), sections in this order:
   are zero, the bitmap holds exactly ``m`` ones, and the ``m`` indices of a chunk are strictly
   increasing and below its length. A payload breaking any of these rules is refused.
 
-Defaults: chunks of 4096 values, ``k = 384`` (9.4%), 1-bit values (the sign; every kept entry of
-a chunk decodes to the chunk's mean kept magnitude). A full chunk costs 4 bytes of level, 2 of count
-and 384 x 4 bits of slots plus a 896-bit bitmap (304 bytes): 310 bytes for 16 KiB of fp32, 53x
-smaller (0.61 bits per value). Both were chosen by measurement (bench/notes/paired.md): held-out
-loss improved with every entry added, and more than with magnitude bits for the same bytes (what a
-value's rounding misses, error feedback sends next round; an entry not sent waits whole). 384 is
-the most entries that keep a 4-peer round 50x below fp32 with some margin. Version 1 named each
-position with a plain 12-bit index and fitted only 160 two-bit entries in about the same bytes.
+Defaults: chunks of 4096 values, ``k = 224`` (5.5%), 4-bit values (the sign and one of 8
+magnitude levels). A full chunk costs 32 bytes of levels, 2 of count and 224 x 8 bits of slots plus
+a 480-bit bitmap (284 bytes): 318 bytes for 16 KiB of fp32, 51.5x smaller (0.62 bits per value).
+Both were chosen by paired runs at the outer setting that suits the codec (no momentum, a large
+outer lr; bench/notes/paired.md): for about the same bytes, k 224 at 4 bits beat k 272 at 3, 320 at
+2 and 384 at 1, and 224 is the most 4-bit entries that keep a 4-peer round 50x below fp32 with some
+margin. Version 1 named each position with a plain 12-bit index and fitted only 160 two-bit entries
+in about the same bytes.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ from p2p_trainer.codec.base import CodecError, as_bytes
 MAGIC = b"P2SP"
 VERSION = 2
 DEFAULT_CHUNK_SIZE = 4096
-DEFAULT_K = 384
-DEFAULT_VALUE_BITS = 1
+DEFAULT_K = 224
+DEFAULT_VALUE_BITS = 4
 MIN_CHUNK_SIZE = 64
 MAX_CHUNK_SIZE = 1 << 16  # indices fit 16 bits and counts (<= chunk / 2) a u16
 MAX_VALUE_BITS = 8
