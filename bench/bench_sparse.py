@@ -68,7 +68,7 @@ def speed_rows(size_mb: int, repeats: int) -> list[dict]:
     fast, ref = SparseCodec("native"), SparseCodec("reference")
     payload = fast.encode(x)
     out, copy_dst = torch.zeros(n), torch.empty(n)
-    ref_n = min(n, 1 << 22)  # the reference is ~8x slower: time it on at most 16 MiB
+    ref_n = min(n, 1 << 22)  # the reference is ~15x slower: time it on at most 16 MiB
     cases: list[tuple[str, Callable[[], object], int, int]] = [
         ("sparse native encode -> bytes", lambda: fast.encode(x), repeats, n),
         ("sparse native decode_accumulate", lambda: fast.decode_accumulate(payload, out, 0.5), repeats, n),

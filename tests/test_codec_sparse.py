@@ -248,9 +248,9 @@ def test_equal_magnitudes_round_trip_exactly(sparse: SparseCodec) -> None:
 
 
 def test_gaussian_error_and_error_feedback(sparse: SparseCodec) -> None:
-    # The top 9.4% of a Gaussian (|x| > 1.68) holds 42% of its energy: sqrt(1 - 0.42) = 0.76 is left
-    # (0.7605 for this x's exact top k), and what is left is what error feedback carries. One
-    # magnitude per chunk adds little to that (0.7688).
+    # The top 5.5% of a Gaussian (|x| > 1.92) holds 30% of its energy: sqrt(1 - 0.30) = 0.84 is left
+    # (0.8388 for this x's exact top k), and what is left is what error feedback carries. Eight
+    # magnitude levels per chunk add next to nothing to that (0.8389).
     x = torch.randn(1 << 18, generator=gen(14))
     rows = x.view(-1, 4096)
     top = rows.abs().topk(fmt.DEFAULT_K, dim=1).indices

@@ -29,7 +29,7 @@ shorter) with ``kc = min(k, n)`` slots:
    slot ``low | code << low_bits`` (``slot_bits = low_bits + value_bits`` bits) and a one at bit
    ``(idx >> low_bits) + j`` of the chunk's high bitmap of ``((n - 1) >> low_bits) + 1 + kc`` bits.
    Slots ``m .. kc-1`` are all-zero padding. Naming a position costs ``low_bits + 2`` bits or less
-   (about 5.3 at 4096 / 384), against ``log2(n)`` for a plain index (12).
+   (about 6.1 at 4096 / 224), against ``log2(n)`` for a plain index (12).
 
 Decoding: entry ``j``'s index is ``(p_j - j) << low_bits | low_j`` where ``p_j`` is the position of
 the ``j``-th one of the bitmap; ``out[chunk_start + idx] = -level[q]`` if ``sign`` else ``level[q]``,

@@ -124,8 +124,8 @@ class Replies:
         for chunk in answer.chunks:
             self._hash.update(chunk)
         self.hashing = True
-        self._decoding: asyncio.Future[None] | None = None
-        self._decoded: tuple[int, bytes | memoryview] | None = None  # (chunk, reply) being decoded
+        # the decode running in the executor: (its future, the chunk's index, the reply)
+        self._decoding: tuple[asyncio.Future[None], int, bytes | memoryview] | None = None
         # a lossless codec's reply is the bytes it decodes to: once decoded into the output, the
         # output's own bytes stand in for it (fp32: a round keeps 1x of the vector, not 2x)
         self._view = getattr(codec, "payload_view", None) if out is not None else None
@@ -140,8 +140,8 @@ class Replies:
         c = len(self.answer.chunks)
         lo, hi = self.bounds[c]
         self.answer.chunks.append(reply)
-        self._decoded = (c, reply)
-        self._decoding = asyncio.get_running_loop().run_in_executor(None, self._decode, reply, lo, hi)
+        decoding = asyncio.get_running_loop().run_in_executor(None, self._decode, reply, lo, hi)
+        self._decoding = (decoding, c, reply)
 
     def _decode(self, reply: bytes | memoryview, lo: int, hi: int) -> None:
         if self.hashing:
@@ -166,13 +166,14 @@ class Replies:
             await self._wait()
 
     async def _wait(self) -> None:
-        decoding, self._decoding = self._decoding, None
-        if decoding is not None:
+        pending, self._decoding = self._decoding, None
+        if pending is not None:
+            decoding, c, reply = pending
             try:
                 await asyncio.shield(decoding)
             except CodecError as e:
                 raise RoundFailed(f"a reducer sent a malformed average: {e}") from None
-            self._share(*self._decoded)
+            self._share(c, reply)
 
     def _share(self, c: int, reply: bytes | memoryview) -> None:
         """Hold decoded chunk ``c`` as a view of the output where the codec allows (see ``_view``)."""
