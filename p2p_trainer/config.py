@@ -238,7 +238,9 @@ class SwarmConfig:
         "that sends one wrong average to all; costs that slice's traffic once more)",
     )
     allreduce_chunk: int = _f(
-        1 << 20, "values per streamed chunk of the all-reduce (the leader's setting holds for its group)"
+        0,
+        "values per streamed chunk of the all-reduce (the leader's setting holds for its group); 0: about "
+        "1 MiB on the wire, 2^18 values for fp32 and 2^20 for int8 and sparse",
     )
     matchmaking_timeout: float = _f(
         15.0,
@@ -317,10 +319,19 @@ class SwarmConfig:
                 )
         if not 0.0 <= self.recheck <= 1.0:
             raise ConfigError(f"swarm.recheck={self.recheck} must be in [0, 1]")
-        if not 1 <= self.allreduce_chunk <= 1 << 26:
-            raise ConfigError(f"swarm.allreduce_chunk={self.allreduce_chunk} must be in [1, 2^26]")
+        if not 0 <= self.allreduce_chunk <= 1 << 26:
+            raise ConfigError(f"swarm.allreduce_chunk={self.allreduce_chunk} must be in [0, 2^26] (0: auto)")
         if self.target_group_size > 256:
             raise ConfigError(f"swarm.target_group_size={self.target_group_size} must be <= 256")
+
+    @property
+    def chunk_values(self) -> int:
+        """Values per streamed chunk of a round we lead: ``allreduce_chunk``, or about 1 MiB of the
+        codec's bytes on the wire. Each chunk in flight costs its fp32 values several times over (in
+        the sender's encode-ahead, the reducer's buffer and sum, the reply), so fp32's chunk is the
+        smallest: at 2^20 values a 4-peer fp32 round peaked 2.6x the vector above its start, 1.7x at
+        2^18 (docs/benchmarks.md); int8 loses speed at 2^18 (more frames for the same bytes)."""
+        return self.allreduce_chunk or (1 << 18 if self.codec == "fp32" else 1 << 20)
 
 
 @dataclass

@@ -223,7 +223,7 @@ def test_takeover_rules():
 
 
 def test_the_read_ahead_window_is_bounded_in_bytes_not_only_in_chunks():
-    """A member may run ``WINDOW`` chunks ahead of the slowest, but fp32's 4 MiB chunks only 2."""
+    """A member may run ``WINDOW`` chunks ahead of the slowest, but chunks of 4 MiB only 2."""
 
     async def window_after(payload_bytes: int) -> int:
         group = _group((A, 100.0, False), (B, 300.0, False), chunk=100)
@@ -238,7 +238,7 @@ def test_the_read_ahead_window_is_bounded_in_bytes_not_only_in_chunks():
         return reduction.window
 
     assert asyncio.run(window_after(1 << 20)) == WINDOW  # int8's 1 MiB chunks
-    assert asyncio.run(window_after(4 << 20)) == 2  # fp32's 4 MiB chunks
+    assert asyncio.run(window_after(4 << 20)) == 2  # 4 MiB chunks (fp32 at 2^20 values)
     assert asyncio.run(window_after(64 << 20)) == 2  # never below 2: reading and reducing overlap
 
 
@@ -266,3 +266,128 @@ def test_a_member_keeps_an_fp32_average_once_not_twice(name):
     assert shared == [name == "fp32"] * len(bounds)
     for (lo, hi), reply in zip(bounds, replies, strict=True):
         assert torch.equal(out[lo:hi], codec.decode(reply, hi - lo))
+
+
+class _Concurrency:
+    """An fp32 codec that counts how many of its decodes run at once (a verifier's recomputes)."""
+
+    name = "fp32"
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock, self.running, self.most, self.calls = threading.Lock(), 0, 0, 0
+
+    def __getattr__(self, attr):
+        return getattr(CODEC, attr)
+
+    def decode_accumulate(self, payload, out, weight):
+        import time
+
+        with self._lock:
+            self.running += 1
+            self.most, self.calls = max(self.most, self.running), self.calls + 1
+        time.sleep(0.01)  # long enough for recomputes run side by side to overlap
+        CODEC.decode_accumulate(payload, out, weight)
+        with self._lock:
+            self.running -= 1
+
+
+def test_a_verifier_recomputes_its_chunks_one_at_a_time_into_the_same_bytes():
+    """A re-checked slice's chunks are recomputed as their copies arrive, but never side by side:
+    each recompute takes (members + 1) chunks of fp32, which next to each other had added 1.4x the
+    vector to a 4-peer round's peak. The results are the reducer's own bytes, chunk by chunk."""
+    from p2p_trainer.swarm.partition import combine
+    from p2p_trainer.swarm.verify import CheckBuffer
+
+    codec = _Concurrency()
+    group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
+    gen = torch.Generator().manual_seed(3)
+    parts = {p: torch.randn(NUMEL, generator=gen) for p in (A, B, C)}
+    bounds = chunk_bounds(NUMEL, 100)
+
+    async def scenario() -> CheckBuffer:
+        buffer = CheckBuffer(group, 0, (0, NUMEL), WEIGHTS, codec=codec, mode="mean")
+        for p in (A, B, C):
+            assert buffer.check(p, _header(group, WEIGHTS[p])) is None
+        for c, (lo, hi) in enumerate(bounds):  # every chunk complete at once: all may start now
+            for p in (A, B, C):
+                buffer.submit(p, c, CODEC.encode(parts[p][lo:hi]))
+        await asyncio.gather(*buffer.pending)
+        return buffer
+
+    buffer = asyncio.run(scenario())
+    assert codec.calls == 3 * len(bounds) and codec.most == 1
+    for c, (lo, hi) in enumerate(bounds):
+        payloads = [(p, WEIGHTS[p], CODEC.encode(parts[p][lo:hi])) for p in (A, B, C)]
+        assert buffer._expected[c] == CODEC.encode(combine(CODEC, "mean", 2.0, payloads, hi - lo).average)
+
+
+def _checked_slice(replied: dict[int, bytes]):
+    """A verifier's buffer of slice 0 (A, B, C; 10 chunks) with every copy in and recomputed early,
+    told the reducer's chunks ``replied``; and each chunk's average of all three parts and of A, B."""
+    from p2p_trainer.swarm.partition import combine
+    from p2p_trainer.swarm.verify import CheckBuffer
+
+    group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
+    gen = torch.Generator().manual_seed(4)
+    parts = {p: torch.randn(NUMEL, generator=gen) for p in (A, B, C)}
+    bounds = chunk_bounds(NUMEL, 100)
+
+    def average(members, c):
+        lo, hi = bounds[c]
+        payloads = [(p, WEIGHTS[p], CODEC.encode(parts[p][lo:hi])) for p in members]
+        return CODEC.encode(combine(CODEC, "mean", 2.0, payloads, hi - lo).average)
+
+    async def scenario():
+        buffer = CheckBuffer(group, 0, (0, NUMEL), WEIGHTS, codec=CODEC, mode="mean")
+        for p in (A, B, C):
+            buffer.check(p, _header(group, WEIGHTS[p]))
+            for c, (lo, hi) in enumerate(bounds):
+                buffer.submit(p, c, CODEC.encode(parts[p][lo:hi]))
+        await asyncio.gather(*buffer.pending)
+        for c, payload in replied.items():
+            buffer.reply(c, payload)
+        return buffer
+
+    everyone = [average((A, B, C), c) for c in range(len(bounds))]
+    return asyncio.run(scenario()), everyone, [average((A, B), c) for c in range(len(bounds))]
+
+
+def _trailer(excluded: dict[str, str]):
+    from p2p_trainer.swarm.messages import SliceTrailer
+
+    return SliceTrailer(
+        total_weight=1.0,
+        included=3 - len(excluded),
+        excluded=excluded,
+        clipped={},
+        sha256="0" * 64,
+        signature="",
+    )
+
+
+def test_a_verifier_drops_each_chunk_sent_right_and_still_catches_one_sent_wrong():
+    """Once the reducer's chunk is the average we computed, the copies of it are dropped (a
+    verifier of an fp32 slice had held every member's whole part: the vector once more); a chunk
+    sent wrong keeps its copies, and the check names it."""
+    _, everyone, _ = _checked_slice({})
+    wrong = CODEC.encode(torch.zeros(100))
+    buffer, _, _ = _checked_slice({**{c: everyone[c] for c in range(9)}, 9: wrong})
+    assert buffer.checked == set(range(9))
+    assert all(parts[c] is None for parts in buffer.payloads.values() for c in range(9))
+    assert all(parts[9] is not None for parts in buffer.payloads.values())
+    why = buffer.mismatch(CODEC, "mean", 2.0, _trailer({}), [*everyone[:9], wrong])
+    assert why is not None and why.startswith("chunk 9 differs")
+
+
+def test_a_member_left_out_mid_slice_is_no_finding_against_the_reducer():
+    """A reducer that leaves C out from chunk 5 on (its part came late) averaged C's chunks 0-4: the
+    chunks before count every part, the rest only A's and B's; neither is a lie."""
+    buffer, everyone, without = _checked_slice({})
+    replies = everyone[:5] + without[5:]
+    assert buffer.mismatch(CODEC, "mean", 2.0, _trailer({C: "sent nothing in time"}), replies) is None
+    wrong = [*replies[:7], CODEC.encode(torch.zeros(100)), *replies[8:]]
+    assert buffer.mismatch(CODEC, "mean", 2.0, _trailer({C: "sent nothing in time"}), wrong).startswith(
+        "chunk 7"
+    )

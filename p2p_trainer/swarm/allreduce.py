@@ -458,6 +458,7 @@ class AllReducer:
         sending = None
         answer.chunks.clear()  # a takeover replaces whatever the lost reducer sent
         replies = Replies(self.codec, out, payloads, answer)
+        check = None if takeover else state.checks.get(payloads.part.slice_index)  # we verify its reducer
         try:
             header = payloads.header(state.group, payloads.part.slice_index, takeover=takeover)
             await wire.send_message(writer, header, state.traffic)
@@ -471,6 +472,8 @@ class AllReducer:
                 if tag != wire.TAG_CHUNK:
                     raise wire.FrameError(f"unknown frame tag {tag!r}")
                 await replies.add(body)
+                if check is not None:
+                    check.reply(c, body)
             tag, body = await wire.recv_tagged(reader, wire.MAX_HEADER_BYTES, state.traffic)
             if tag != wire.TAG_MESSAGE:
                 raise wire.FrameError("a chunk after the last one")

@@ -36,7 +36,7 @@ from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
 logger = logging.getLogger(__name__)
 
 WINDOW = 4  # chunks a member's stream may run ahead of the slice's slowest member
-WINDOW_BYTES = 8 << 20  # ... and at most about these many bytes of them (fp32 chunks: 2 of 4 MiB)
+WINDOW_BYTES = 8 << 20  # ... and at most about these many bytes of them (chunks of 4 MiB: 2)
 
 
 def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:

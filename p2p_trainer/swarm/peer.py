@@ -94,7 +94,7 @@ class SwarmPeer(Observer):
             target_group_size=cfg.target_group_size,
             min_group_size=cfg.min_group_size,
             max_weight=cfg.max_weight,
-            chunk=cfg.allreduce_chunk,
+            chunk=cfg.chunk_values,
             admitted=self.admitted,
             wait_for_slower=cfg.wait_for_slower,
             deadline_floor=cfg.deadline_floor,

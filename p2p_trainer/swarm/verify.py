@@ -30,7 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.swarm.matchmaking import Group
 from p2p_trainer.swarm.messages import Accusation, CommitPost, CommitReply, PartHeader, Seal, SliceTrailer
-from p2p_trainer.swarm.partition import chunk_bounds, combine
+from p2p_trainer.swarm.partition import Scratch, chunk_bounds, combine
 
 _TOLERANCE = 1e-3  # relative L2 between a reducer's average and a verifier's recomputation
 
@@ -187,8 +187,12 @@ class CheckBuffer:
 
     With ``codec`` given, each chunk is recomputed (as if every member took part, the usual case)
     in an executor thread as soon as every member's copy of it is in, so that the check overlaps
-    the round instead of following it; ``mismatch`` uses those results when the reducer indeed
-    used every member, and recomputes otherwise."""
+    the round instead of following it. Once the reducer's own chunk (``reply``) equals that
+    recompute, the chunk is checked and its copies are dropped: a verifier holds the chunks in
+    flight, not every member's whole part (for fp32 that was the whole vector once more).
+    ``mismatch`` recomputes the chunks left from the parts the reducer says it used. The early
+    recomputes run one at a time, in chunk order, in one reused buffer: run side by side, each took
+    its own (members + 1) chunks of fp32 (20 MB at 4 members and 2^20 values)."""
 
     def __init__(
         self,
@@ -203,10 +207,14 @@ class CheckBuffer:
     ) -> None:
         self.group, self.index, (self.lo, self.hi), self.weights = group, index, bounds, weights
         self.chunks = chunk_bounds(self.hi - self.lo, group.chunk)
-        self.payloads: dict[str, list[bytes | bytearray]] = {}
+        self.payloads: dict[str, list[bytes | bytearray | None]] = {}  # None: a checked chunk's copy
         self._early = (codec, mode, tau)
         self._expected: dict[int, bytes | None] = {}  # chunk -> our encoded average (None: not computable)
+        self._replied: dict[int, bytes | memoryview] = {}  # the reducer's chunks not compared yet
+        self.checked: set[int] = set()  # chunks the reducer sent as every member's parts average
         self.pending: list[asyncio.Future] = []
+        self._turn = asyncio.Lock()  # one early recompute at a time (FIFO: in chunk order)
+        self._scratch = Scratch()
 
     def check(self, sender: str, header: PartHeader) -> str | None:
         declared = self.group.member(sender)
@@ -228,7 +236,30 @@ class CheckBuffer:
             members = self.group.members
             complete = all(len(self.payloads.get(m.peer_id, ())) > chunk for m in members)
             if self._early[0] is not None and complete:
-                self.pending.append(asyncio.get_running_loop().run_in_executor(None, self._expect, chunk))
+                self.pending.append(asyncio.ensure_future(self._expect_in_turn(chunk)))
+
+    async def _expect_in_turn(self, c: int) -> None:
+        async with self._turn:
+            await asyncio.get_running_loop().run_in_executor(None, self._expect, c)
+        self._compare(c)
+
+    def reply(self, c: int, payload: bytes | memoryview) -> None:
+        """(the event loop) The reducer's averaged chunk ``c``, as it reached us."""
+        self._replied[c] = payload
+        self._compare(c)
+
+    def _compare(self, c: int) -> None:
+        """(the event loop) Chunk ``c`` is checked once the reducer's bytes are the average of every
+        member's part as we computed it; its copies are not needed any more. That holds whatever
+        the trailer later says: a member left out mid-slice took part in the chunks before."""
+        if c not in self._replied or c not in self._expected:
+            return
+        reply, ours = self._replied.pop(c), self._expected[c]
+        if ours is not None and ours == reply:
+            self.checked.add(c)
+            del self._expected[c]
+            for parts in self.payloads.values():
+                parts[c] = None
 
     def _expect(self, c: int) -> None:
         """(an executor thread) Chunk ``c``'s average of every member's part, encoded."""
@@ -236,7 +267,7 @@ class CheckBuffer:
         lo, hi = self.chunks[c]
         members = [m.peer_id for m in self.group.members]
         parts = [(p, self.weights[p], self.payloads[p][c]) for p in members]
-        ours = combine(codec, mode, tau, parts, hi - lo)
+        ours = combine(codec, mode, tau, parts, hi - lo, self._scratch)
         try:
             self._expected[c] = None if ours.refused or ours.average is None else codec.encode(ours.average)
         except CodecError:  # e.g. an average that overflowed: ``mismatch`` finds it again and says so
@@ -252,9 +283,11 @@ class CheckBuffer:
             self.chunks
         ):
             return None
-        early = not trailer.excluded and self._early == (codec, mode, tau)
+        early = self._early == (codec, mode, tau)
         for c, (lo, hi) in enumerate(self.chunks):
-            if early and c in self._expected:
+            if c in self.checked:
+                continue  # every member's part, averaged as we do it (see ``_compare``)
+            if early and c in self._expected and (not trailer.excluded or self._expected[c] == replies[c]):
                 encoded = self._expected[c]
             else:
                 parts = [(p, self.weights[p], self.payloads[p][c]) for p in used]
