@@ -391,3 +391,42 @@ def test_a_member_left_out_mid_slice_is_no_finding_against_the_reducer():
     assert buffer.mismatch(CODEC, "mean", 2.0, _trailer({C: "sent nothing in time"}), wrong).startswith(
         "chunk 7"
     )
+
+
+def test_a_verifier_reads_copies_a_window_ahead_of_its_checks_but_never_waits_on_a_missing_one():
+    """Copies are read at most ``WINDOW`` chunks beyond the first chunk not yet compared with the
+    reducer's (the rest waits at the senders); a member whose copy never comes holds back the
+    others only until the reducer's chunks run ``WINDOW`` past it."""
+    from p2p_trainer.swarm.verify import CheckBuffer
+
+    group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
+    bounds = chunk_bounds(NUMEL, 100)
+    gen = torch.Generator().manual_seed(5)
+    parts = {p: torch.randn(NUMEL, generator=gen) for p in (A, B, C)}
+
+    async def copies(buffer: CheckBuffer, sender: str) -> None:  # as ``ReducerService._serve_check``
+        buffer.check(sender, _header(group, WEIGHTS[sender]))
+        for c, (lo, hi) in enumerate(bounds):
+            await buffer.may_read(c)
+            buffer.submit(sender, c, CODEC.encode(parts[sender][lo:hi]))
+
+    async def scenario(senders):
+        buffer = CheckBuffer(group, 0, (0, NUMEL), WEIGHTS, codec=CODEC, mode="mean")
+        reading = [asyncio.ensure_future(copies(buffer, p)) for p in senders]
+        await asyncio.sleep(0.1)
+        held = [len(buffer.payloads[p]) for p in senders]
+        from p2p_trainer.swarm.partition import combine
+
+        for c, (lo, hi) in enumerate(bounds):  # the reducer's chunks, as every member averages them
+            payloads = [(p, WEIGHTS[p], CODEC.encode(parts[p][lo:hi])) for p in (A, B, C)]
+            buffer.reply(c, CODEC.encode(combine(CODEC, "mean", 2.0, payloads, hi - lo).average))
+            await asyncio.gather(*buffer.pending)
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*reading), 5.0)
+        return held, buffer
+
+    held, buffer = asyncio.run(scenario((A, B, C)))
+    assert held == [WINDOW] * 3
+    assert buffer.checked == set(range(len(bounds)))
+    held, buffer = asyncio.run(scenario((A, B)))  # C's copy never comes: A's and B's still do
+    assert held == [WINDOW] * 2 and all(len(buffer.payloads[p]) == len(bounds) for p in (A, B))

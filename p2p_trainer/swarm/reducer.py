@@ -301,14 +301,10 @@ class ReducerService:
         """A copy of ``sender``'s part of a slice we re-check: kept, not answered."""
         if buffer.check(sender, header) is not None:
             return
-        deadline = time.monotonic() + self.timeout
-        for c in range(len(buffer.chunks)):
-            left = max(deadline - time.monotonic(), 0.0)
-            buffer.submit(
-                sender,
-                c,
-                await asyncio.wait_for(wire.recv_frame(reader, buffer.max_payload(c), traffic), left),
-            )
+        async with asyncio.timeout(self.timeout):
+            for c in range(len(buffer.chunks)):
+                await buffer.may_read(c)
+                buffer.submit(sender, c, await wire.recv_frame(reader, buffer.max_payload(c), traffic))
 
     # ---- commits ----
     async def _handle_commit(

@@ -30,7 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.swarm.matchmaking import Group
 from p2p_trainer.swarm.messages import Accusation, CommitPost, CommitReply, PartHeader, Seal, SliceTrailer
-from p2p_trainer.swarm.partition import Scratch, chunk_bounds, combine
+from p2p_trainer.swarm.partition import WINDOW, Scratch, chunk_bounds, combine
 
 _TOLERANCE = 1e-3  # relative L2 between a reducer's average and a verifier's recomputation
 
@@ -188,8 +188,10 @@ class CheckBuffer:
     With ``codec`` given, each chunk is recomputed (as if every member took part, the usual case)
     in an executor thread as soon as every member's copy of it is in, so that the check overlaps
     the round instead of following it. Once the reducer's own chunk (``reply``) equals that
-    recompute, the chunk is checked and its copies are dropped: a verifier holds the chunks in
-    flight, not every member's whole part (for fp32 that was the whole vector once more).
+    recompute, the chunk is checked and its copies are dropped; and a copy is read at most
+    ``WINDOW`` chunks ahead of the first chunk not compared yet (``may_read``), the rest waiting at
+    its sender. So a verifier holds the chunks in flight, not every member's whole part (for fp32
+    that was the whole vector once more).
     ``mismatch`` recomputes the chunks left from the parts the reducer says it used. The early
     recomputes run one at a time, in chunk order, in one reused buffer: run side by side, each took
     its own (members + 1) chunks of fp32 (20 MB at 4 members and 2^20 values)."""
@@ -212,6 +214,10 @@ class CheckBuffer:
         self._expected: dict[int, bytes | None] = {}  # chunk -> our encoded average (None: not computable)
         self._replied: dict[int, bytes | memoryview] = {}  # the reducer's chunks not compared yet
         self.checked: set[int] = set()  # chunks the reducer sent as every member's parts average
+        self._recomputed: set[int] = set()
+        self._compared: set[int] = set()
+        self._ahead = 0  # the first chunk not compared yet: copies are read up to WINDOW beyond it
+        self._changed = asyncio.Event()
         self.pending: list[asyncio.Future] = []
         self._turn = asyncio.Lock()  # one early recompute at a time (FIFO: in chunk order)
         self._scratch = Scratch()
@@ -241,20 +247,42 @@ class CheckBuffer:
     async def _expect_in_turn(self, c: int) -> None:
         async with self._turn:
             await asyncio.get_running_loop().run_in_executor(None, self._expect, c)
+        self._recomputed.add(c)  # (with or without a result)
         self._compare(c)
 
     def reply(self, c: int, payload: bytes | memoryview) -> None:
         """(the event loop) The reducer's averaged chunk ``c``, as it reached us."""
         self._replied[c] = payload
         self._compare(c)
+        self._changed.set()
+
+    async def may_read(self, c: int) -> None:
+        """Wait until a copy's chunk ``c`` is within ``WINDOW`` chunks of the first not compared,
+        unless that one lacks a member's copy while the reducer's chunks are ``WINDOW`` further on:
+        a copy that never comes must not hold back the others (the reducer may leave its sender out,
+        and the check is then made without it)."""
+        while self._early[0] is not None and c >= self._ahead + WINDOW and not self._copy_missing():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _copy_missing(self) -> bool:
+        a = self._ahead
+        replied = self._replied.keys() | self._compared
+        if not any(r >= a + WINDOW for r in replied):
+            return False
+        return any(len(self.payloads.get(m.peer_id, ())) <= a for m in self.group.members)
 
     def _compare(self, c: int) -> None:
         """(the event loop) Chunk ``c`` is checked once the reducer's bytes are the average of every
         member's part as we computed it; its copies are not needed any more. That holds whatever
         the trailer later says: a member left out mid-slice took part in the chunks before."""
-        if c not in self._replied or c not in self._expected:
+        if c not in self._replied or c not in self._recomputed:
             return
-        reply, ours = self._replied.pop(c), self._expected[c]
+        reply, ours = self._replied.pop(c), self._expected.get(c)
+        self._compared.add(c)
+        while self._ahead in self._compared:
+            self._ahead += 1
+        self._changed.set()
         if ours is not None and ours == reply:
             self.checked.add(c)
             del self._expected[c]
