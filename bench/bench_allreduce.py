@@ -12,7 +12,7 @@ agreed wall-clock time on all peers; its time is the slowest peer's. Ours is tim
 (``require_trigger``), so its time is the all-reduce alone. One warm-up round per variant is not
 counted. ``peak_extra_MB``: the median over rounds of the largest per-peer peak of memory in use
 during the round above its start (see ``bench/_procs.py``, which also runs the peer processes);
-``x_vector``: that over the vector's fp32 size.
+``x_vector``: that over the vector's fp32 size; ``x_vector_rounds``: each timed round's.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def summarize(engine: str, codec: str, world: int, numel: int, answers: list[lis
     peaks = [max(a.get("peak_extra_bytes", 0) for a in r) for r in answers]
     row["peak_extra_MB"] = round(statistics.median(peaks) / 1e6, 1)
     row["x_vector"] = round(statistics.median(peaks) / (4 * numel), 2)
+    # each round's: a round where one of this group's peers re-checks a slice (swarm.recheck 0.1 per
+    # slice, drawn from the group id) peaks higher at that peer, so the median moves with the draws
+    row["x_vector_rounds"] = "/".join(f"{p / (4 * numel):.2f}" for p in peaks)
     rank0 = [a for r in answers for a in r if "rel_err" in a]
     row["rel_l2_err"] = f"{statistics.median(a['rel_err'] for a in rank0):.2e}" if rank0 else ""
     row["replicas_identical"] = all(len({a["sha"] for a in r}) == 1 for r in answers)
