@@ -3,6 +3,7 @@
 
 import asyncio
 import hashlib
+import time
 
 import numpy as np
 import pytest
@@ -395,8 +396,9 @@ def test_a_member_left_out_mid_slice_is_no_finding_against_the_reducer():
 
 def test_a_verifier_reads_copies_a_window_ahead_of_its_checks_but_never_waits_on_a_missing_one():
     """Copies are read at most ``WINDOW`` chunks beyond the first chunk not yet compared with the
-    reducer's (the rest waits at the senders); a member whose copy never comes holds back the
-    others only until the reducer's chunks run ``WINDOW`` past it."""
+    reducer's (the rest waits at the senders), so once every reply is in the last copies are still
+    coming and the re-check waits for them (``settle``); a member whose copy never comes holds back
+    the others only until the reducer's chunks run ``WINDOW`` past it."""
     from p2p_trainer.swarm.verify import CheckBuffer
 
     group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
@@ -420,9 +422,11 @@ def test_a_verifier_reads_copies_a_window_ahead_of_its_checks_but_never_waits_on
         for c, (lo, hi) in enumerate(bounds):  # the reducer's chunks, as every member averages them
             payloads = [(p, WEIGHTS[p], CODEC.encode(parts[p][lo:hi])) for p in (A, B, C)]
             buffer.reply(c, CODEC.encode(combine(CODEC, "mean", 2.0, payloads, hi - lo).average))
-            await asyncio.gather(*buffer.pending)
-            await asyncio.sleep(0.01)
-        await asyncio.wait_for(asyncio.gather(*reading), 5.0)
+        started = time.monotonic()  # every reply is in, the last copies are still to be read:
+        await buffer.settle(list(senders), started + 5.0)  # the re-check waits for them
+        assert all(len(buffer.payloads[p]) == len(bounds) for p in senders)
+        assert time.monotonic() - started < 2.0
+        await asyncio.wait_for(asyncio.gather(*reading), 1.0)
         return held, buffer
 
     held, buffer = asyncio.run(scenario((A, B, C)))

@@ -331,7 +331,8 @@ class AllReducer:
             reducer = state.group.reducers[index]
             if not answer.complete or answer.server != reducer:
                 continue  # taken over or failed: nothing to hold the reducer to
-            await asyncio.gather(*buffer.pending, return_exceptions=True)  # chunks recomputed early
+            used = [m.peer_id for m in state.group.members if m.peer_id not in answer.trailer.excluded]
+            await buffer.settle(used, time.monotonic() + self.commit_timeout)
             why = await asyncio.get_running_loop().run_in_executor(
                 None, buffer.mismatch, self.codec, self.aggregation, self.tau, answer.trailer, answer.chunks
             )
@@ -508,6 +509,7 @@ class AllReducer:
             buffer = state.checks[index]
             if buffer.check(self.peer_id, header) is None:
                 async for c, payload in payloads:
+                    await buffer.may_read(c)
                     buffer.submit(self.peer_id, c, payload)
             return
         try:

@@ -239,10 +239,26 @@ class CheckBuffer:
         parts = self.payloads.get(sender)
         if parts is not None and len(parts) == chunk:
             parts.append(payload)
+            self._changed.set()
             members = self.group.members
             complete = all(len(self.payloads.get(m.peer_id, ())) > chunk for m in members)
             if self._early[0] is not None and complete:
                 self.pending.append(asyncio.ensure_future(self._expect_in_turn(chunk)))
+
+    async def settle(self, used: list[str], deadline: float) -> None:
+        """Wait until the copies of the members in ``used`` are complete (copies are read behind the
+        reducer's chunks, so the last ones may still be coming) or ``deadline`` passes, then for the
+        recomputes under way."""
+        while any(len(self.payloads.get(p, ())) < len(self.chunks) for p in used):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        await asyncio.gather(*self.pending, return_exceptions=True)
 
     async def _expect_in_turn(self, c: int) -> None:
         async with self._turn:
