@@ -29,15 +29,12 @@ from hivemind.p2p import P2P, PeerID
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.contracts import RoundResult, TensorVector, VectorSink, VectorSource, Window
 from p2p_trainer.swarm import deadlines, wire
+from p2p_trainer.swarm.commit import CommitPhase
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.matchmaking import Group
 from p2p_trainer.swarm.messages import (
-    Accusation,
-    CommitPost,
-    CommitReply,
     ProtocolError,
     ReduceRefusal,
-    Seal,
     SliceTrailer,
     T,
     parse,
@@ -51,9 +48,9 @@ from p2p_trainer.swarm.partition import (
     slice_bounds,
 )
 from p2p_trainer.swarm.parts import Fault, OutgoingPart, Payloads, Replies
-from p2p_trainer.swarm.reducer import ReducerService, expected_commits
+from p2p_trainer.swarm.reducer import ReducerService
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
-from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verdict, verifier_of
+from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verifier_of
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +99,16 @@ class AllReducer:
             commit_timeout=self.commit_timeout,
             seal=signer.seal,
             admitted=admitted,
+        )
+        self.commit = CommitPhase(
+            p2p,
+            self.service,
+            signer,
+            peer_id=peer_id,
+            commit_timeout=self.commit_timeout,
+            check=(codec, aggregation, tau),
+            ban=self._ban,
+            read_keys=read_keys,
         )
         self._tasks: set[asyncio.Task] = set()
 
@@ -246,7 +253,7 @@ class AllReducer:
                 await asyncio.wait([state.reduction.trailer])
             state.fail_unanswered()
             failure = next((t for t in trailers if isinstance(t, BaseException)), None)
-            await self._commit(state, failure)
+            await self.commit.run(state, failure)
         finally:
             state.fail_unanswered()
             self.service.retire(group.group_id)
@@ -272,74 +279,6 @@ class AllReducer:
             clipped=clipped,
             encoded=None if keep_average else _encoded(state),
         )
-
-    async def _commit(self, state: RoundState, failure: BaseException | None) -> None:
-        """Post our seals (and findings) to every full member, read theirs back, and raise
-        RoundFailed unless every member holds the same averages (see ``verify``)."""
-        group, step = state.group, state.group.outer_step
-        seals = []
-        for index, answer in state.final.items():
-            if answer.complete and answer.trailer.signature:
-                seals.append(
-                    Seal(
-                        slice=index,
-                        reducer=answer.server,
-                        sha256=answer.trailer.sha256,
-                        signature=answer.trailer.signature,
-                    )
-                )
-        accusations = await self._rechecks(state) if failure is None else []
-        post = CommitPost(group_id=group.group_id, seals=seals, accusations=accusations)
-        witnesses = [r for r in group.reducers if r not in state.lost]
-        replies = await asyncio.gather(
-            *(self._post(state, w, post) for w in witnesses), return_exceptions=True
-        )
-        if failure is not None:
-            raise failure if isinstance(failure, RoundFailed) else RoundFailed(repr(failure))
-        await self._know(*group.reducers)
-        why, liars = verdict(group, self.signer, seals, [r for r in replies if isinstance(r, CommitReply)])
-        for liar in liars:
-            self._ban(liar, f"it sent different averages of one slice to different members in round {step}")
-        if why:
-            raise RoundFailed(f"round {step}: {why}")
-
-    async def _know(self, *peer_ids: str) -> None:
-        """Read the records again when a signer's key is not known yet, before judging its seal."""
-        if self._read_keys is not None and not all(self.signer.knows(p) for p in peer_ids):
-            await self._read_keys()
-
-    async def _post(self, state: RoundState, witness: str, post: CommitPost) -> CommitReply:
-        if witness == self.peer_id:
-            state.pool.add(self.peer_id, post)
-            await state.pool.wait(expected_commits(state), time.monotonic() + self.commit_timeout)
-            return state.pool.reply()
-        _, reader, writer = await self._p2p.call_binary_stream_handler(
-            PeerID.from_base58(witness), self.service.commit_handler
-        )
-        try:
-            await wire.send_message(writer, post, state.traffic)
-            wait = self.commit_timeout + 5.0
-            return await asyncio.wait_for(wire.recv_message(reader, (CommitReply,), state.traffic), wait)
-        finally:
-            await wire.close(writer)
-
-    async def _rechecks(self, state: RoundState) -> list[Accusation]:
-        """Our findings on the slices we re-check: the reducer's average against its parts."""
-        found = []
-        for index, buffer in state.checks.items():
-            answer = state.answer(index).result()
-            reducer = state.group.reducers[index]
-            if not answer.complete or answer.server != reducer:
-                continue  # taken over or failed: nothing to hold the reducer to
-            used = [m.peer_id for m in state.group.members if m.peer_id not in answer.trailer.excluded]
-            await buffer.settle(used, time.monotonic() + self.commit_timeout)
-            why = await asyncio.get_running_loop().run_in_executor(
-                None, buffer.mismatch, self.codec, self.aggregation, self.tau, answer.trailer, answer.chunks
-            )
-            if why:
-                logger.warning(f"round {state.group.outer_step}: reducer {reducer} of slice {index}: {why}")
-                found.append(self.signer.accuse(state.group.group_id, index, reducer, why))
-        return found
 
     async def _contribute(
         self,
@@ -481,7 +420,7 @@ class AllReducer:
             trailer = _parse_reply(body, SliceTrailer)
             sha256 = await replies.finish()
             index = payloads.part.slice_index
-            await self._know(reducer)
+            await self.commit.know(reducer)
             bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, sha256)
             if bad:
                 answer.error = bad
