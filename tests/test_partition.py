@@ -11,7 +11,7 @@ import torch
 
 from p2p_trainer.codec import get_codec
 from p2p_trainer.contracts import TensorVector
-from p2p_trainer.swarm.matchmaking import Group, Member
+from p2p_trainer.swarm.group import Group, Member
 from p2p_trainer.swarm.messages import PartHeader
 from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, slice_bounds
 from p2p_trainer.swarm.parts import OutgoingPart, Payloads, Replies

@@ -31,7 +31,7 @@ from p2p_trainer.contracts import RoundResult, TensorVector, VectorSink, VectorS
 from p2p_trainer.swarm import deadlines, wire
 from p2p_trainer.swarm.commit import CommitPhase
 from p2p_trainer.swarm.errors import RoundFailed
-from p2p_trainer.swarm.matchmaking import Group
+from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import (
     ProtocolError,
     ReduceRefusal,

@@ -22,21 +22,19 @@ squatting peer costs the others at most one round.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 
 from p2p_trainer.swarm import deadlines, messages, wire
 from p2p_trainer.swarm.errors import RoundFailed
-from p2p_trainer.swarm.messages import GroupInfo, JoinReply, JoinRequest, MemberInfo, ProtocolError
+from p2p_trainer.swarm.group import Group, Member, check_weight
+from p2p_trainer.swarm.messages import JoinReply, JoinRequest, ProtocolError
 from p2p_trainer.swarm.progress import ProgressBoard
 from p2p_trainer.swarm.records import ProgressRecord, Records, swarm_outer_step
 
@@ -47,69 +45,6 @@ _GRACE_S = 2.0  # a member waits this much longer than the leader, so the leader
 _MAX_REDIRECTS = 8
 _SKIP_ROUNDS = 10  # rounds a leader that stalled or was unreachable is skipped
 _MAX_LOBBIES = 4
-
-
-@dataclass(frozen=True)
-class Member:
-    peer_id: str
-    weight: float
-    client_mode: bool
-
-
-@dataclass(frozen=True)
-class Group:
-    group_id: str
-    outer_step: int
-    numel: int
-    chunk: int  # values per streamed chunk of the all-reduce (the leader's setting)
-    members: tuple[Member, ...]  # the agreed order: full peers by id, then client peers by id
-
-    @property
-    def reducers(self) -> tuple[str, ...]:
-        return tuple(m.peer_id for m in self.members if not m.client_mode)
-
-    def member(self, peer_id: str) -> Member | None:
-        return next((m for m in self.members if m.peer_id == peer_id), None)
-
-    @property
-    def digest(self) -> str:
-        """Members compare this, so a leader that sent conflicting lists is caught."""
-        wire_form = self.to_info().model_dump(mode="json")
-        return hashlib.sha256(json.dumps(wire_form, sort_keys=True).encode()).hexdigest()[:32]
-
-    def to_info(self) -> GroupInfo:
-        members = [
-            MemberInfo(peer_id=m.peer_id, weight=m.weight, client_mode=m.client_mode) for m in self.members
-        ]
-        return GroupInfo(
-            group_id=self.group_id,
-            outer_step=self.outer_step,
-            numel=self.numel,
-            chunk=self.chunk,
-            members=members,
-        )
-
-    @classmethod
-    def from_info(cls, info: GroupInfo) -> Group:
-        members = tuple(Member(m.peer_id, m.weight, m.client_mode) for m in info.members)
-        if len({m.peer_id for m in members}) != len(members):
-            raise ProtocolError("the group lists a member twice")
-        if list(members) != sorted(members, key=lambda m: (m.client_mode, m.peer_id)):
-            raise ProtocolError("the group's members are not in the agreed order")
-        if all(m.client_mode for m in members):
-            raise ProtocolError("the group has no full member to reduce")
-        return cls(info.group_id, info.outer_step, info.numel, info.chunk, members)
-
-
-def check_weight(weight: Any, max_weight: float) -> str | None:
-    """Why a claimed token weight is unacceptable, or None if it is fine."""
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-        return f"weight {weight!r} is not a number"
-    if not math.isfinite(weight) or weight <= 0:
-        return f"weight {weight!r} is not a positive finite number"
-    if weight > max_weight:
-        return f"weight {weight:g} exceeds max_weight={max_weight:g}"
-    return None
 
 
 class _Lobby:

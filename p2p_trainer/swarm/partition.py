@@ -30,7 +30,7 @@ import torch
 
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.swarm import aggregation
-from p2p_trainer.swarm.matchmaking import Group, check_weight
+from p2p_trainer.swarm.group import Group, check_weight
 from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
 
 logger = logging.getLogger(__name__)

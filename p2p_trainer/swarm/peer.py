@@ -23,7 +23,8 @@ from p2p_trainer.contracts import RoundResult, VectorSink, VectorSource, fingerp
 from p2p_trainer.swarm.allreduce import AllReducer, Fault
 from p2p_trainer.swarm.download import Downloader
 from p2p_trainer.swarm.errors import RoundFailed, SwarmError
-from p2p_trainer.swarm.matchmaking import Group, Matchmaker
+from p2p_trainer.swarm.group import Group
+from p2p_trainer.swarm.matchmaking import Matchmaker
 from p2p_trainer.swarm.node import Interrupted
 from p2p_trainer.swarm.observer import Observer
 from p2p_trainer.swarm.records import ProgressRecord, Records, others

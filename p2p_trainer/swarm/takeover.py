@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2p_trainer.swarm import wire
-from p2p_trainer.swarm.matchmaking import Group
+from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import SliceTrailer
 from p2p_trainer.swarm.partition import SliceReduction
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from p2p_trainer.codec import Codec, CodecError
-from p2p_trainer.swarm.matchmaking import Group
+from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import Accusation, CommitPost, CommitReply, PartHeader, Seal, SliceTrailer
 from p2p_trainer.swarm.partition import WINDOW, Scratch, chunk_bounds, combine
 
