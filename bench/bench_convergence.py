@@ -170,15 +170,24 @@ def _sent(part, codec, k: int):
     return out
 
 
-def _top_k_exact(part, k: int, chunk: int = 4096):
-    """A top-k code at its best with ``k`` of each ``chunk``: the top-k entries of each chunk, exact
-    fp32, the rest zero."""
+def _rows(x, chunk: int = 4096):
     import torch
 
-    n = part.numel()
-    rows = torch.nn.functional.pad(part, (0, (-n) % chunk)).view(-1, chunk)
-    keep = rows.abs().topk(k, dim=1).indices
-    return torch.zeros_like(rows).scatter_(1, keep, rows.gather(1, keep)).flatten()[:n]
+    return torch.nn.functional.pad(x, (0, (-x.numel()) % chunk)).view(-1, chunk)
+
+
+def _top_k_exact(part, k: int, chunk: int = 4096, shared=None):
+    """A top-k code at its best with ``k`` of each ``chunk``: the top-k entries of each chunk, exact
+    fp32, the rest zero; with ``shared`` (positions per chunk), the entries there too, and the
+    top-k of the rest."""
+    import torch
+
+    rows = _rows(part, chunk)
+    keep = torch.zeros_like(rows, dtype=torch.bool)
+    if shared is not None:
+        keep.scatter_(1, shared, True)
+    keep.scatter_(1, rows.masked_fill(keep, 0.0).abs().topk(k, dim=1).indices, True)
+    return rows.masked_fill(~keep, 0.0).flatten()[: part.numel()]
 
 
 def job_diloco(spec: dict) -> dict:
@@ -188,7 +197,9 @@ def job_diloco(spec: dict) -> dict:
     settings, for measuring alternatives: ``sparse_chunk``, ``sparse_k``, ``sparse_bits``,
     ``return_k`` (the average goes back with another k), ``full_return`` (each worker's residual
     takes its sent part minus the applied average everywhere, not only where the average is zero)
-    and ``top_k_bound``."""
+    and ``top_k_bound``; with ``shared_k`` too, a bound for shared positions: each worker sends the
+    exact values at the ``shared_k`` largest positions of each chunk of the previous round's average
+    and its own top ``top_k_bound`` of the rest (the first round: its own top ``first_k``)."""
     import torch
 
     from p2p_trainer.codec import get_codec
@@ -225,6 +236,7 @@ def job_diloco(spec: dict) -> dict:
     sent: list = [None] * K
     rounds, every = budget // h, max(1, 50 // h)
     curve = [(0, workers[0].evaluate(ev))]
+    shared = None
     pending = None  # overlap: the round in flight (its average, our sents), applied at the next boundary
     start: list = [None] * K  # overlap eager: where each worker's phase started
     for r in range(1, rounds + 1):
@@ -238,11 +250,17 @@ def job_diloco(spec: dict) -> dict:
                 delta[i] = diloco.pseudo_gradient(loop.export_params())
             part = delta[i] + residual[i] if ef and residual[i] is not None else delta[i]
             if ef:  # what the codec does not send of our part carries into the next round
-                sent[i] = _top_k_exact(part, bound_k) if bound_k else _sent(part, codec, K)
+                if spec.get("shared_k"):  # (the first round has no shared positions yet)
+                    own = bound_k if shared is not None else spec["first_k"]
+                    sent[i] = _top_k_exact(part, own, shared=shared)
+                else:
+                    sent[i] = _top_k_exact(part, bound_k) if bound_k else _sent(part, codec, K)
                 residual[i] = part - sent[i]
             parts.append(part)
         if bound_k:  # the exact mean of the parts' exact top-k: no rounding, and no return leg dropping any
             average = sum(sent) / K
+            if spec.get("shared_k"):  # next round's shared positions: the largest of this average
+                shared = _rows(average).abs().topk(spec["shared_k"], dim=1).indices
         else:
             average = swarm_average(parts, weights, codec=codec, mode=mode, return_codec=back)
         if overlap == "none":
