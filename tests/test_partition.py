@@ -3,6 +3,7 @@
 
 import asyncio
 import hashlib
+import threading
 import time
 
 import numpy as np
@@ -12,10 +13,11 @@ import torch
 from p2p_trainer.codec import get_codec
 from p2p_trainer.contracts import TensorVector
 from p2p_trainer.swarm.group import Group, Member
-from p2p_trainer.swarm.messages import PartHeader
-from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, slice_bounds
+from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
+from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, combine, slice_bounds
 from p2p_trainer.swarm.parts import OutgoingPart, Payloads, Replies
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
+from p2p_trainer.swarm.verify import CheckBuffer
 from p2p_trainer.testing.swarm import reference_mean
 
 pytestmark = pytest.mark.timeout(30)
@@ -275,16 +277,12 @@ class _Concurrency:
     name = "fp32"
 
     def __init__(self) -> None:
-        import threading
-
         self._lock, self.running, self.most, self.calls = threading.Lock(), 0, 0, 0
 
     def __getattr__(self, attr):
         return getattr(CODEC, attr)
 
     def decode_accumulate(self, payload, out, weight):
-        import time
-
         with self._lock:
             self.running += 1
             self.most, self.calls = max(self.most, self.running), self.calls + 1
@@ -298,9 +296,6 @@ def test_a_verifier_recomputes_its_chunks_one_at_a_time_into_the_same_bytes():
     """A re-checked slice's chunks are recomputed as their copies arrive, but never side by side:
     each recompute takes (members + 1) chunks of fp32, which next to each other had added 1.4x the
     vector to a 4-peer round's peak. The results are the reducer's own bytes, chunk by chunk."""
-    from p2p_trainer.swarm.partition import combine
-    from p2p_trainer.swarm.verify import CheckBuffer
-
     codec = _Concurrency()
     group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
     gen = torch.Generator().manual_seed(3)
@@ -327,9 +322,6 @@ def test_a_verifier_recomputes_its_chunks_one_at_a_time_into_the_same_bytes():
 def _checked_slice(replied: dict[int, bytes]):
     """A verifier's buffer of slice 0 (A, B, C; 10 chunks) with every copy in and recomputed early,
     told the reducer's chunks ``replied``; and each chunk's average of all three parts and of A, B."""
-    from p2p_trainer.swarm.partition import combine
-    from p2p_trainer.swarm.verify import CheckBuffer
-
     group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
     gen = torch.Generator().manual_seed(4)
     parts = {p: torch.randn(NUMEL, generator=gen) for p in (A, B, C)}
@@ -356,8 +348,6 @@ def _checked_slice(replied: dict[int, bytes]):
 
 
 def _trailer(excluded: dict[str, str]):
-    from p2p_trainer.swarm.messages import SliceTrailer
-
     return SliceTrailer(
         total_weight=1.0,
         included=3 - len(excluded),
@@ -399,8 +389,6 @@ def test_a_verifier_reads_copies_a_window_ahead_of_its_checks_but_never_waits_on
     reducer's (the rest waits at the senders), so once every reply is in the last copies are still
     coming and the re-check waits for them (``settle``); a member whose copy never comes holds back
     the others only until the reducer's chunks run ``WINDOW`` past it."""
-    from p2p_trainer.swarm.verify import CheckBuffer
-
     group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
     bounds = chunk_bounds(NUMEL, 100)
     gen = torch.Generator().manual_seed(5)
@@ -417,7 +405,6 @@ def test_a_verifier_reads_copies_a_window_ahead_of_its_checks_but_never_waits_on
         reading = [asyncio.ensure_future(copies(buffer, p)) for p in senders]
         await asyncio.sleep(0.1)
         held = [len(buffer.payloads[p]) for p in senders]
-        from p2p_trainer.swarm.partition import combine
 
         for c, (lo, hi) in enumerate(bounds):  # the reducer's chunks, as every member averages them
             payloads = [(p, WEIGHTS[p], CODEC.encode(parts[p][lo:hi])) for p in (A, B, C)]

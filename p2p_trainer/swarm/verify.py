@@ -35,6 +35,19 @@ from p2p_trainer.swarm.partition import WINDOW, Scratch, chunk_bounds, combine
 _TOLERANCE = 1e-3  # relative L2 between a reducer's average and a verifier's recomputation
 
 
+async def _until(changed: asyncio.Event, done: Callable[[], bool], deadline: float) -> None:
+    """Until ``done()`` holds, checked each time ``changed`` is set, or until ``deadline``."""
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        changed.clear()
+        try:
+            await asyncio.wait_for(changed.wait(), left)
+        except asyncio.TimeoutError:
+            return
+
+
 def checked_slices(group_id: str, n_slices: int, p: float) -> set[int]:
     """The slices re-checked this round: the same on every member (drawn from the group id)."""
     if n_slices < 2 or p <= 0:
@@ -139,15 +152,7 @@ class CommitPool:
 
     async def wait(self, expected: set[str], deadline: float) -> None:
         """Until everyone in ``expected`` posted, or the deadline."""
-        while not expected <= self.posted:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                return
+        await _until(self._changed, lambda: expected <= self.posted, deadline)
 
     def reply(self) -> CommitReply:
         return CommitReply(
@@ -249,15 +254,11 @@ class CheckBuffer:
         """Wait until the copies of the members in ``used`` are complete (copies are read behind the
         reducer's chunks, so the last ones may still be coming) or ``deadline`` passes, then for the
         recomputes under way."""
-        while any(len(self.payloads.get(p, ())) < len(self.chunks) for p in used):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                break
+
+        def complete() -> bool:
+            return all(len(self.payloads.get(p, ())) == len(self.chunks) for p in used)
+
+        await _until(self._changed, complete, deadline)
         await asyncio.gather(*self.pending, return_exceptions=True)
 
     async def _expect_in_turn(self, c: int) -> None:
