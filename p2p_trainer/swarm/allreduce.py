@@ -6,8 +6,8 @@ the slice as encoded chunks, one frame each; the reducer answers on the same str
 averaged chunk as soon as it is reduced (while later chunks are still arriving), then a
 ``SliceTrailer``. So encoding, transfer, reduction and decoding overlap, and client members never
 need an incoming connection. The member decodes each averaged chunk straight into its output.
-What a reducer does with the parts is ``partition.SliceReduction``; what happens when a reducer is
-gone is ``takeover``. Replies are tagged frames: a chunk, or a message (a trailer or a refusal).
+A member's stream to a remote reducer is ``exchange``; what a reducer does with the parts is
+``partition.SliceReduction``; what happens when a reducer is gone is ``takeover``. Replies are tagged frames: a chunk, or a message (a trailer or a refusal).
 
 Everything read from a peer is bounded: headers are typed messages, frames have a size cap, a peer
 gets at most ``_STREAMS_PER_PEER`` concurrent streams here, parts of unknown groups wait in a small
@@ -24,21 +24,16 @@ import time
 from collections.abc import Awaitable, Callable
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.contracts import RoundResult, TensorVector, VectorSink, VectorSource, Window
-from p2p_trainer.swarm import deadlines, wire
+from p2p_trainer.swarm import deadlines
 from p2p_trainer.swarm.commit import CommitPhase
 from p2p_trainer.swarm.errors import RoundFailed
+from p2p_trainer.swarm.exchange import Exchange, ReducerLost
 from p2p_trainer.swarm.group import Group
-from p2p_trainer.swarm.messages import (
-    ProtocolError,
-    ReduceRefusal,
-    SliceTrailer,
-    T,
-    parse,
-)
+from p2p_trainer.swarm.messages import SliceTrailer
 from p2p_trainer.swarm.partition import (
     SliceFailed,
     SliceReduction,
@@ -53,10 +48,6 @@ from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer, CommitPool, Signer, checked_slices, verifier_of
 
 logger = logging.getLogger(__name__)
-
-
-class _ReducerLost(Exception):
-    """The reducer of a slice is gone: its stream broke or no answer came in time."""
 
 
 class AllReducer:
@@ -110,6 +101,7 @@ class AllReducer:
             ban=self._ban,
             read_keys=read_keys,
         )
+        self.exchange = Exchange(p2p, peer_id, self.service, self.commit, signer, codec, timeout)
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -163,48 +155,15 @@ class AllReducer:
         )
         if self.peer_id in reducers:
             state.reduction = self._reduction(group, bounds, reducers.index(self.peer_id), part_deadline)
-            self._learn_arrivals(state.reduction)
+            deadlines.learn_arrivals(self.part_delays, state.reduction, self.peer_id)
             state.pool = CommitPool(group, self.signer)
-        self._learn_answers(state)
+        deadlines.learn_answers(self.answer_delays, state)
         weights = part_weights(group, self.aggregation)
         for index in checked_slices(group.group_id, len(reducers), self.recheck):
             if verifier_of(group, index) == self.peer_id:
                 early = dict(codec=self.codec, mode=self.aggregation, tau=self.tau)  # see CheckBuffer
                 state.checks[index] = CheckBuffer(group, index, bounds[index], weights, **early)
         return state
-
-    def _learn_arrivals(self, reduction: SliceReduction) -> None:
-        """Once our slice is reduced, remember when its typical part came (a typical part that missed
-        the deadline came later than it: the deadline is what we learn then). Our own part never
-        travels, so it is not counted."""
-
-        def learn(_: asyncio.Future) -> None:
-            others = [m.peer_id for m in reduction.group.members if m.peer_id != self.peer_id]
-            delays = [reduction.arrived[p] for p in others if p in reduction.arrived]
-            typical = deadlines.typical_delay(delays, len(others)) if others else None
-            if typical is None and others and time.monotonic() >= reduction.deadline:
-                typical = reduction.timeout
-            if typical is not None:
-                self.part_delays.observe(typical, reduction.group.reducers)
-
-        reduction.trailer.add_done_callback(learn)
-
-    def _learn_answers(self, state: RoundState) -> None:
-        """Once every slice's exchange ended, remember when the last complete answer straight from a
-        slice's reducer came (ours included; takeovers and failures say nothing about a live reducer)."""
-        started, reducers = time.monotonic(), state.group.reducers
-        pending, came = set(range(len(reducers))), []
-
-        def settled(index: int, future: asyncio.Future[SliceAnswer]) -> None:
-            pending.discard(index)
-            answer = None if future.cancelled() else future.result()
-            if answer is not None and answer.complete and answer.server == reducers[index]:
-                came.append(time.monotonic() - started)
-            if not pending and came:
-                self.answer_delays.observe(max(came), reducers)
-
-        for index in range(len(reducers)):
-            state.answer(index).add_done_callback(functools.partial(settled, index))
 
     # ---- member side ----
     async def run(
@@ -303,15 +262,15 @@ class AllReducer:
             self.codec, part, chunk_bounds(values.numel, state.group.chunk), 1 + checked, sent
         )
         if checked:
-            self._spawn(self._send_check(state, index, payloads))
+            self._spawn(self.exchange.send_check(state, index, payloads))
         answer = SliceAnswer(server=reducer)
         try:
             if reducer == self.peer_id:
                 replies = Replies(self.codec, out, payloads, answer)
                 await self._reduce_here(state.reduction, payloads, replies)
             else:
-                await self._send(state, reducer, part, payloads, out, answer, takeover=False)
-        except _ReducerLost as e:
+                await self.exchange.run(state, reducer, payloads, out, answer, takeover=False)
+        except ReducerLost as e:
             state.mark_lost(reducer, str(e))
             answer.gone = True
             state.settle(index, answer)
@@ -358,111 +317,6 @@ class AllReducer:
         sha256 = sha256 if replies.hashing else reduction.sha256
         replies.answer.trailer = self.service.sealed(reduction, trailer, sha256)
 
-    async def _send(
-        self,
-        state: RoundState,
-        reducer: str,
-        part: OutgoingPart,
-        payloads: Payloads,
-        out: torch.Tensor | None,
-        answer: SliceAnswer,
-        *,
-        takeover: bool,
-    ) -> None:
-        step, index = state.group.outer_step, part.slice_index
-        try:
-            await asyncio.wait_for(
-                self._exchange(state, reducer, payloads, out, answer, takeover), self.service.reply_timeout
-            )
-        except asyncio.TimeoutError:
-            raise _ReducerLost(f"no average within {self.service.reply_timeout:g}s") from None
-        except wire.FrameError as e:  # it answered, but not in the protocol: hostile or broken, not gone
-            raise RoundFailed(f"round {step}: reducer {reducer} of slice {index} failed: {e}") from None
-        except (RoundFailed, SliceFailed, CodecError):
-            raise
-        except Exception as e:  # unreachable, reset, closed: the peer is gone
-            raise _ReducerLost(f"{type(e).__name__}: {e}".strip().rstrip(":")) from None
-
-    async def _exchange(
-        self,
-        state: RoundState,
-        reducer: str,
-        payloads: Payloads,
-        out: torch.Tensor | None,
-        answer: SliceAnswer,
-        takeover: bool,
-    ) -> None:
-        _, reader, writer = await self._p2p.call_binary_stream_handler(
-            PeerID.from_base58(reducer), self.service.part_handler
-        )
-        sending = None
-        answer.chunks.clear()  # a takeover replaces whatever the lost reducer sent
-        replies = Replies(self.codec, out, payloads, answer)
-        check = None if takeover else state.checks.get(payloads.part.slice_index)  # we verify its reducer
-        try:
-            header = payloads.header(state.group, payloads.part.slice_index, takeover=takeover)
-            await wire.send_message(writer, header, state.traffic)
-            sending = asyncio.ensure_future(self._send_chunks(writer, payloads, state.traffic))
-            for c in range(len(payloads.bounds)):
-                tag, body = await wire.recv_tagged(reader, payloads.max_reply(c), state.traffic)
-                if tag == wire.TAG_MESSAGE:
-                    refusal = _parse_reply(body, ReduceRefusal)
-                    answer.error = refusal.error
-                    raise RoundFailed(f"round {state.group.outer_step}: reducer {reducer}: {refusal.error}")
-                if tag != wire.TAG_CHUNK:
-                    raise wire.FrameError(f"unknown frame tag {tag!r}")
-                await replies.add(body)
-                if check is not None:
-                    check.reply(c, body)
-            tag, body = await wire.recv_tagged(reader, wire.MAX_HEADER_BYTES, state.traffic)
-            if tag != wire.TAG_MESSAGE:
-                raise wire.FrameError("a chunk after the last one")
-            trailer = _parse_reply(body, SliceTrailer)
-            sha256 = await replies.finish()
-            index = payloads.part.slice_index
-            await self.commit.know(reducer)
-            bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, sha256)
-            if bad:
-                answer.error = bad
-                raise RoundFailed(
-                    f"round {state.group.outer_step}: reducer {reducer} of slice {index}: {bad}"
-                )
-            answer.trailer, answer.server = trailer, reducer
-        finally:
-            if sending is not None and not sending.done():
-                sending.cancel()
-            await replies.settle()
-            await wire.close(writer)
-
-    async def _send_chunks(
-        self, writer: asyncio.StreamWriter, payloads: Payloads, traffic: wire.Traffic
-    ) -> None:
-        async for _, payload in payloads:
-            await wire.send_frame(writer, payload, traffic)
-
-    async def _send_check(self, state: RoundState, index: int, payloads: Payloads) -> None:
-        """A copy of our part of slice ``index`` for its verifier (see ``verify``); best effort."""
-        verifier = verifier_of(state.group, index)
-        header = payloads.header(state.group, index).model_copy(update={"check": True})
-        if verifier == self.peer_id:
-            buffer = state.checks[index]
-            if buffer.check(self.peer_id, header) is None:
-                async for c, payload in payloads:
-                    await buffer.may_read(c)
-                    buffer.submit(self.peer_id, c, payload)
-            return
-        try:
-            _, reader, writer = await self._p2p.call_binary_stream_handler(
-                PeerID.from_base58(verifier), self.service.part_handler
-            )
-            try:
-                await wire.send_message(writer, header, state.traffic)
-                await asyncio.wait_for(self._send_chunks(writer, payloads, state.traffic), self.timeout)
-            finally:
-                await wire.close(writer)
-        except Exception as e:  # the verifier is gone or slow: it will find nothing, which is no finding
-            logger.info(f"round {state.group.outer_step}: copy of slice {index} for {verifier} failed: {e!r}")
-
     async def _take_over(
         self, state: RoundState, index: int, part: OutgoingPart, payloads: Payloads, out: torch.Tensor | None
     ) -> SliceAnswer:
@@ -484,9 +338,9 @@ class AllReducer:
                 if backup == self.peer_id:
                     await self._reduce_takeover_here(state, index, payloads, out, answer)
                 else:
-                    await self._send(state, backup, part, payloads, out, answer, takeover=True)
+                    await self.exchange.run(state, backup, payloads, out, answer, takeover=True)
                 return answer
-            except _ReducerLost as e:
+            except ReducerLost as e:
                 state.mark_lost(backup, str(e))
             except SliceFailed as e:
                 raise RoundFailed(f"round {step}: backup reducer of slice {index}: {e}") from None
@@ -525,10 +379,3 @@ def _encoded(state: RoundState) -> list[tuple[int, int, bytes]]:
         for (a, b), payload in zip(chunk_bounds(hi - lo, state.group.chunk), chunks, strict=True):
             found.append((lo + a, lo + b, bytes(payload)))
     return found
-
-
-def _parse_reply(body: memoryview, model: type[T]) -> T:
-    try:
-        return parse(model, bytes(body))
-    except ProtocolError as e:
-        raise wire.FrameError(str(e)) from None

@@ -8,15 +8,23 @@ configured timeout, which stays the ceiling (and the whole deadline until ``MIN_
 seen). The estimate is the slowest of the recent rounds: a round slower than the rest keeps the
 deadline lenient for a while (waiting too long costs seconds, leaving a live peer out costs its
 contribution), and a round whose typical member missed its deadline raises the next one at once.
-No networking here.
+No networking here: ``learn_arrivals`` and ``learn_answers`` only watch a round's futures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import math
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from p2p_trainer.swarm.partition import SliceReduction
+    from p2p_trainer.swarm.takeover import RoundState
 
 WINDOW = 8  # rounds remembered
 MIN_ROUNDS = 3  # rounds seen before a deadline may be shorter than the ceiling
@@ -111,3 +119,39 @@ def reply_timeout(answers: Recent, reducers: Collection[str]) -> float:
     if estimate is None or not answers.knows(reducers):
         return ceiling
     return min(ceiling, policy.floor + policy.wait_for_slower * estimate + max(policy.floor, estimate))
+
+
+def learn_arrivals(recent: Recent, reduction: SliceReduction, me: str) -> None:
+    """Once the slice we reduce is reduced, tell ``recent`` when its typical part came (a typical
+    part that missed the deadline came later than it: the deadline is what we learn then). Our own
+    part (``me``) never travels, so it is not counted."""
+
+    def learn(_: asyncio.Future) -> None:
+        others = [m.peer_id for m in reduction.group.members if m.peer_id != me]
+        delays = [reduction.arrived[p] for p in others if p in reduction.arrived]
+        typical = typical_delay(delays, len(others)) if others else None
+        if typical is None and others and time.monotonic() >= reduction.deadline:
+            typical = reduction.timeout
+        if typical is not None:
+            recent.observe(typical, reduction.group.reducers)
+
+    reduction.trailer.add_done_callback(learn)
+
+
+def learn_answers(recent: Recent, state: RoundState) -> None:
+    """Once every slice's exchange of the round ended, tell ``recent`` when the last complete answer
+    straight from a slice's reducer came (ours included; takeovers and failures say nothing about a
+    live reducer)."""
+    started, reducers = time.monotonic(), state.group.reducers
+    pending, came = set(range(len(reducers))), []
+
+    def settled(index: int, future: asyncio.Future) -> None:
+        pending.discard(index)
+        answer = None if future.cancelled() else future.result()
+        if answer is not None and answer.complete and answer.server == reducers[index]:
+            came.append(time.monotonic() - started)
+        if not pending and came:
+            recent.observe(max(came), reducers)
+
+    for index in range(len(reducers)):
+        state.answer(index).add_done_callback(functools.partial(settled, index))
