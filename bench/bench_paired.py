@@ -1,7 +1,7 @@
 """Paired convergence runs: what robust aggregation, an overlapped outer step and the sparse codec
 cost in held-out loss against blocking int8 DiLoCo with the plain mean, all else equal.
 
-    python -m bench.bench_paired [--budget 200] [--warm 400] [--hs 10 50]
+    python -m bench.bench_paired [--budget 200] [--warm 400] [--hs 10 50] [--seed 0]
 
 The protocol of ``bench.bench_convergence`` (same warm start, model, data orders, batches and
 tokens; k=4 simulated workers over the swarm's own ``DiLoCo``, codecs and aggregation code), at
@@ -81,7 +81,7 @@ for _bits, _k in SAME_BYTES.items():
 
 def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dict,
           sparse_outer: tuple[float, float]) -> list[Job]:
-    jobs: list[Job] = [("warm", lambda r: [dict(base, kind="warm")], ())]
+    jobs: list[Job] = [("warm", lambda r: [dict(base, kind="warm", seed=0)], ())]  # shared by every seed
     for h in hs:
         lr, mom = outer[h]
         for name, (_, fields) in VARIANTS.items():
@@ -108,13 +108,15 @@ def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dic
 
 def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slots: int = 2,
         variants: tuple[str, ...] = (*VARIANTS, *EXTRA), outer: tuple[float, float] | None = None,
-        warm_path: str | None = None, sparse_outer: tuple[float, float] = SPARSE_OUTER) -> list[dict]:
+        warm_path: str | None = None, sparse_outer: tuple[float, float] = SPARSE_OUTER,
+        seed: int = 0) -> list[dict]:
     """``outer``: one (lr, momentum) for every H instead of each H's best; ``sparse_outer``: the
     sparse rows' (but ``sparse-other``'s); ``warm_path``: a warm start saved by an earlier run with the
-    same ``warm`` (it is deterministic), not trained again."""
+    same ``warm`` (it is deterministic), not trained again; ``seed``: the workers' data orders after
+    the warm start (the warm start is the same for every seed)."""
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench-paired-"))
-    base = {"budget": budget, "warm": warm, "warm_path": warm_path or str(work / "warm.pt"), "seed": 0}
+    base = {"budget": budget, "warm": warm, "warm_path": warm_path or str(work / "warm.pt"), "seed": seed}
     print(f"  paired: work dir {work}", flush=True)
     res: dict[str, dict] = {}
     settings = {h: outer or BEST_OUTER[h] for h in hs}
@@ -135,7 +137,8 @@ def run(budget: int = 200, warm: int = 400, hs: tuple[int, ...] = (10, 50), slot
                 lr, mom = sparse_outer
             if name == "sparse-bound":
                 lr, mom = BOUND_OUTER
-            row = {"bench": "paired", "H": h, "variant": what, "outer": f"{lr}/{mom}",
+            row = {"bench": "paired", "H": h, **({"seed": seed} if seed else {}), "variant": what,
+                   "outer": f"{lr}/{mom}",
                    "eval_loss": round(out["final"], 4),
                    "vs_int8_pct": round(100 * (out["final"] / baseline - 1), 2) if baseline else ""}
             if "final_at_last_boundary" in out:
@@ -157,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparse-outer", type=float, nargs=2, metavar=("LR", "MOMENTUM"), default=SPARSE_OUTER,
                     help="the sparse rows' outer setting but sparse-other's (default: %(default)s)")
     ap.add_argument("--warm-path", help="reuse this warm start (saved by a run with the same --warm)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the workers' data orders after the shared warm start (default: %(default)s)")
     a = ap.parse_args(argv)
     outer = tuple(a.outer) if a.outer else None
     for row in run(a.budget, a.warm, tuple(a.hs), variants=tuple(a.variants), outer=outer,
-                   warm_path=a.warm_path, sparse_outer=tuple(a.sparse_outer)):
+                   warm_path=a.warm_path, sparse_outer=tuple(a.sparse_outer), seed=a.seed):
         print(row)
     return 0
 
