@@ -7,7 +7,8 @@ averaged chunk as soon as it is reduced (while later chunks are still arriving),
 ``SliceTrailer``. So encoding, transfer, reduction and decoding overlap, and client members never
 need an incoming connection. The member decodes each averaged chunk straight into its output.
 A member's stream to a remote reducer is ``exchange``; what a reducer does with the parts is
-``partition.SliceReduction``; what happens when a reducer is gone is ``takeover``. Replies are tagged frames: a chunk, or a message (a trailer or a refusal).
+``partition.SliceReduction``; what happens when a reducer is gone is ``takeover``. Replies are
+tagged frames: a chunk, or a message (a trailer or a refusal).
 
 Everything read from a peer is bounded: headers are typed messages, frames have a size cap, a peer
 gets at most ``_STREAMS_PER_PEER`` concurrent streams here, parts of unknown groups wait in a small
