@@ -9,7 +9,7 @@ import math
 import pytest
 
 from p2p_trainer.metrics import read_metrics
-from tests.e2e import start, train_args
+from tests.e2e import start, train_args, wait_for_line
 from tests.volunteers import plan_first_peer, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,12 +28,15 @@ def attacked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attack")
     first, maddr = plan_first_peer(tmp, "h0")
     procs = {"h0": start(train_args(tmp, "h0", *first, *TINY), tmp / "h0.log")}
-    for name in ("h1", "h2"):
-        procs[name] = start(train_args(tmp, name, "--initial-peers", maddr, *TINY), tmp / f"{name}.log")
+    procs["h1"] = start(train_args(tmp, "h1", "--initial-peers", maddr, *TINY), tmp / "h1.log")
     hostile = train_args(tmp, "x", "--initial-peers", maddr, *TINY)
     hostile[1:3] = ["-m", "p2p_trainer.testing.peer", "--attack", ",".join(ATTACKS)]
     procs["x"] = start(hostile, tmp / "x.log")
     try:
+        # the third honest peer starts once the attacker is in the swarm: the first group (3 members)
+        # then forms with the attacker in it, instead of without it when it is the slowest to start
+        wait_for_line(tmp / "x.log", "peer address:", procs["x"], 120)
+        procs["h2"] = start(train_args(tmp, "h2", "--initial-peers", maddr, *TINY), tmp / "h2.log")
         wait_until(
             lambda: all(p.poll() is not None for n, p in procs.items() if n != "x"), 240, "the honest peers"
         )
