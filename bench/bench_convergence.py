@@ -66,7 +66,7 @@ def overrides(total_steps: int) -> dict:
 def _setup(total_steps: int):
     import torch
 
-    from p2p_trainer.config import load_config
+    from p2p_trainer.config_file import load_config
     from p2p_trainer.data import build_tokenizer, eval_batches
 
     torch.set_num_threads(1)
@@ -366,7 +366,7 @@ def run_swarm(base: dict, work: Path, outer: tuple[float, float], h: int = 50, c
     import torch
 
     from p2p_trainer import checkpoint
-    from p2p_trainer.config import load_config
+    from p2p_trainer.config_file import load_config
     from p2p_trainer.contracts import run_fingerprint
     from p2p_trainer.data import TokenStream, build_tokenizer, tokenizer_sha256
     from p2p_trainer.metrics import read_metrics

@@ -195,7 +195,7 @@ def utilization(metrics: Path, tokens_per_step: int, skip_rounds: int = 1) -> di
 
 
 def utilization_rows(nets: Namespaces, grid: list[tuple[float, int, str, str]], workdir: Path) -> list[dict]:
-    from p2p_trainer.config import load_config
+    from p2p_trainer.config_file import load_config
 
     cfg = load_config("configs/debug.toml")
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from p2p_trainer.config import load_config
+from p2p_trainer.config_file import load_config
 from p2p_trainer.data import TokenStream, build_tokenizer
 from p2p_trainer.metrics import read_metrics
 from p2p_trainer.model import build_model

@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from p2p_trainer.config import ConfigError, SwarmConfig, check_multiaddr_syntax, load_config, section_fields
+from p2p_trainer.config import ConfigError, SwarmConfig, check_multiaddr_syntax
+from p2p_trainer.config_file import load_config, section_fields
 from p2p_trainer.plan import add_arguments as plan_arguments
 
 USAGE_ERROR = 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from p2p_trainer import checkpoint
-from p2p_trainer.config import from_dict
+from p2p_trainer.config_file import from_dict
 from p2p_trainer.data import build_tokenizer
 from p2p_trainer.model import build_model
 

@@ -22,7 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from p2p_trainer.config import Config, ConfigError, load_config, resolve_preset
+from p2p_trainer.config import Config, ConfigError
+from p2p_trainer.config_file import load_config, resolve_preset
 
 CODECS = ("fp32", "int8", "sparse")
 BYTE_VOCAB = 257  # p2p_trainer.data.tokenizer.BYTE_VOCAB_SIZE, without importing the data stack

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from p2p_trainer.codec import Codec, CodecError, SparseParams, get_codec, native
 from p2p_trainer.codec import sparse_format as fmt
 from p2p_trainer.codec.sparse import SparseCodec
-from p2p_trainer.config import ConfigError, SwarmConfig, load_config
+from p2p_trainer.config import ConfigError, SwarmConfig
+from p2p_trainer.config_file import load_config
 from p2p_trainer.contracts import run_fingerprint
 
 pytestmark = pytest.mark.timeout(60)

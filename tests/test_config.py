@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2p_trainer.config import ConfigError, load_config
+from p2p_trainer.config import ConfigError
+from p2p_trainer.config_file import load_config
 from p2p_trainer.model import build_model, count_parameters
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,7 +115,7 @@ def test_train_help_lists_every_field():
         timeout=60,
     )
     assert proc.returncode == 0
-    from p2p_trainer.config import section_fields
+    from p2p_trainer.config_file import section_fields
 
     for section, f in section_fields():
         assert f"--{section}.{f.name}" in proc.stdout

@@ -13,7 +13,8 @@ import torch
 from p2p_trainer import plan
 from p2p_trainer.cli import main
 from p2p_trainer.codec import get_codec
-from p2p_trainer.config import ConfigError, load_config
+from p2p_trainer.config import ConfigError
+from p2p_trainer.config_file import load_config
 from p2p_trainer.inner import causal_lm_loss
 from p2p_trainer.model import build_model
 

@@ -76,7 +76,7 @@ def test_hashes_agree_every_outer_step(swarm_run):
 
 
 def test_int8_traffic_is_a_quarter_of_fp32(swarm_run):
-    from p2p_trainer.config import load_config
+    from p2p_trainer.config_file import load_config
     from p2p_trainer.model import count_parameters
 
     tiny = {flag.lstrip("-"): value for flag, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2], strict=True)}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from p2p_trainer.codec import Codec, get_codec
-from p2p_trainer.config import load_config
+from p2p_trainer.config_file import load_config
 from p2p_trainer.data import TokenStream, build_tokenizer, eval_batches
 from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.inner import InnerLoop
