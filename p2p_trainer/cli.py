@@ -12,7 +12,7 @@ from typing import Any
 
 from p2p_trainer.config import ConfigError, SwarmConfig, check_multiaddr_syntax
 from p2p_trainer.config_file import load_config, section_fields
-from p2p_trainer.plan import add_arguments as plan_arguments
+from p2p_trainer.plan_cli import add_arguments as plan_arguments
 
 USAGE_ERROR = 2
 
@@ -176,7 +176,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from p2p_trainer.plan import run_plan
+    from p2p_trainer.plan_cli import run_plan
 
     return run_plan(args)
 
