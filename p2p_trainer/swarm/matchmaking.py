@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from hivemind.p2p import P2P, PeerID
 from p2p_trainer.swarm import deadlines, messages, wire
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.group import Group, Member, check_weight
+from p2p_trainer.swarm.lobby import Lobby, absentees
 from p2p_trainer.swarm.messages import JoinReply, JoinRequest, ProtocolError
 from p2p_trainer.swarm.progress import ProgressBoard
 from p2p_trainer.swarm.records import ProgressRecord, Records, swarm_outer_step
@@ -45,22 +45,6 @@ _GRACE_S = 2.0  # a member waits this much longer than the leader, so the leader
 _MAX_REDIRECTS = 8
 _SKIP_ROUNDS = 10  # rounds a leader that stalled or was unreachable is skipped
 _MAX_LOBBIES = 4
-
-
-class _Lobby:
-    """The leader's state for one (outer step, vector size)."""
-
-    def __init__(self, step: int, numel: int, timeout: float, wait: float) -> None:
-        self.step, self.numel = step, numel
-        self.opened = time.monotonic()
-        self.deadline = self.opened + min(wait, timeout)  # then we stop waiting for stragglers
-        self.ceiling = self.opened + timeout  # then a lobby that cannot form a group gives up
-        self.joined: dict[str, Member] = {}
-        self.joined_after: dict[str, float] = {}  # seconds after the lobby opened
-        self.skipped: set[str] = set()
-        self.changed = asyncio.Event()
-        self.outcome: asyncio.Future[JoinReply] = asyncio.get_running_loop().create_future()
-        self.frozen_at = math.inf
 
 
 class Matchmaker:
@@ -89,7 +73,7 @@ class Matchmaker:
         self.peer_id, self.client_mode, self.fingerprint = peer_id, client_mode, fingerprint_sha256
         self.timeout, self.max_weight, self.chunk = timeout, max_weight, chunk
         self.target_group_size, self.min_group_size = target_group_size, min_group_size
-        self._lobbies: dict[tuple[int, int], _Lobby] = {}
+        self._lobbies: dict[tuple[int, int], Lobby] = {}
         self._tasks: set[asyncio.Task] = set()
         self._skip_until: dict[str, int] = {}  # leader -> first outer step at which we ask it again
         self._banned: dict[str, str] = {}  # peers proven to cheat -> how; never admitted, never asked
@@ -307,7 +291,7 @@ class Matchmaker:
         lobby.changed.set()
         return self._late_reply(lobby, member, await asyncio.shield(lobby.outcome))
 
-    def _reusable_lobby(self, step: int, numel: int, member: Member) -> _Lobby | None:
+    def _reusable_lobby(self, step: int, numel: int, member: Member) -> Lobby | None:
         """This step's lobby, unless it is closed and ``member`` was in it: then the round failed for
         that member (a partner vanished, too few joined, ...) and it asks again, so a new lobby opens
         (answering with the old group would repeat the failed round forever)."""
@@ -316,7 +300,7 @@ class Matchmaker:
             return None
         return lobby
 
-    def _late_reply(self, lobby: _Lobby, member: Member, outcome: JoinReply | None = None) -> JoinReply:
+    def _late_reply(self, lobby: Lobby, member: Member, outcome: JoinReply | None = None) -> JoinReply:
         outcome = outcome or lobby.outcome.result()
         if outcome.group is not None and lobby.joined.get(member.peer_id) != member:
             late = time.monotonic() - lobby.frozen_at
@@ -328,19 +312,19 @@ class Matchmaker:
             )
         return outcome
 
-    def _open_lobby(self, step: int, numel: int) -> _Lobby:
+    def _open_lobby(self, step: int, numel: int) -> Lobby:
         for key in [k for k, lob in self._lobbies.items() if k[0] != step or lob.outcome.done()]:
             if self._lobbies[key].outcome.done() or key[0] < step:
                 del self._lobbies[key]
         while len(self._lobbies) >= _MAX_LOBBIES:  # vector sizes nobody else uses: keep the newest
             del self._lobbies[next(iter(self._lobbies))]
-        lobby = self._lobbies[(step, numel)] = _Lobby(step, numel, self.timeout, self.join_delays.wait())
+        lobby = self._lobbies[(step, numel)] = Lobby(step, numel, self.timeout, self.join_delays.wait())
         task = asyncio.create_task(self._run_lobby(lobby))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return lobby
 
-    async def _run_lobby(self, lobby: _Lobby) -> None:
+    async def _run_lobby(self, lobby: Lobby) -> None:
         step, max_age = lobby.step, 0.0  # the first look at the records must be newer than the lobby
         try:
             while True:
@@ -363,10 +347,10 @@ class Matchmaker:
                     return self._freeze(lobby, f"target_group_size={self.target_group_size} reached")
                 now = time.monotonic()
                 if now >= lobby.deadline and enough and arrived:
-                    return self._freeze(lobby, self._waited(lobby) + _absentees(records, step, missing))
+                    return self._freeze(lobby, lobby.waited() + absentees(records, step, missing))
                 if now >= lobby.ceiling:
                     why = f"matchmaking_timeout={self.timeout:g}s passed; "
-                    why += _absentees(records, step, missing)
+                    why += absentees(records, step, missing)
                     if enough:
                         msg = f"the swarm is still at outer step {swarm_step}: no group for step {step} yet"
                     else:
@@ -386,15 +370,7 @@ class Matchmaker:
                 lobby.outcome.set_result(JoinReply(error=f"the leader failed: {e!r}"[:500]))
             raise
 
-    def _waited(self, lobby: _Lobby) -> str:
-        """Why we stopped waiting for the missing peers."""
-        if lobby.deadline >= lobby.ceiling:
-            return f"matchmaking_timeout={self.timeout:g}s passed; "
-        wait = lobby.deadline - lobby.opened
-        ceiling = f"matchmaking_timeout={self.timeout:g}s"
-        return f"waited {wait:.1f}s, as recent lobbies call for ({ceiling} at most); "
-
-    def _freeze(self, lobby: _Lobby, why: str) -> None:
+    def _freeze(self, lobby: Lobby, why: str) -> None:
         order = sorted(lobby.joined.values(), key=lambda m: (m.client_mode, m.peer_id))
         if all(m.client_mode for m in order):
             lobby.outcome.set_result(JoinReply(error="no full peer joined: nobody can reduce"))
@@ -407,12 +383,3 @@ class Matchmaker:
             f"{lobby.frozen_at - lobby.opened:.2f}s ({why})"
         )
         lobby.outcome.set_result(JoinReply(group=group.to_info()))
-
-
-def _absentees(records: Records, step: int, missing: list[str]) -> str:
-    """Who we waited for in vain, and who is elsewhere: the hint a failed matchmaking needs."""
-    parts = [f"did not join: {', '.join(missing)}"] if missing else []
-    elsewhere = sorted(f"{pid} (step {r.outer_step})" for pid, r in records.items() if r.outer_step != step)
-    if elsewhere:
-        parts.append(f"live peers at other outer steps: {', '.join(elsewhere)}")
-    return "; ".join(parts) or "no other live peer has published progress for this run"
