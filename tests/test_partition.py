@@ -12,12 +12,13 @@ import torch
 
 from p2p_trainer.codec import get_codec
 from p2p_trainer.contracts import TensorVector
+from p2p_trainer.swarm.exchange import Exchange
 from p2p_trainer.swarm.group import Group, Member
 from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
 from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, combine, slice_bounds
 from p2p_trainer.swarm.parts import OutgoingPart, Payloads, Replies
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
-from p2p_trainer.swarm.verify import CheckBuffer
+from p2p_trainer.swarm.verify import CheckBuffer, verifier_of
 from p2p_trainer.testing.swarm import reference_mean
 
 pytestmark = pytest.mark.timeout(30)
@@ -421,3 +422,27 @@ def test_a_verifier_reads_copies_a_window_ahead_of_its_checks_but_never_waits_on
     assert buffer.checked == set(range(len(bounds)))
     held, buffer = asyncio.run(scenario((A, B)))  # C's copy never comes: A's and B's still do
     assert held == [WINDOW] * 2 and all(len(buffer.payloads[p]) == len(bounds) for p in (A, B))
+
+
+def test_a_verifiers_own_copy_of_a_slice_whose_reducer_stalls_ends_within_the_timeout():
+    """The verifier's own copy is read behind the reducer's chunks, as the others' are; when those
+    never come (the reducer stalled or died), the copy gives up after ``timeout`` as a remote
+    verifier's read does, instead of holding the copy and our part beyond the round."""
+    group = _group((A, 100.0, False), (B, 300.0, False), (C, 50.0, True), chunk=100)
+    bounds = chunk_bounds(NUMEL, 100)
+    me = verifier_of(group, 0)
+    values = torch.randn(NUMEL, generator=torch.Generator().manual_seed(6))
+
+    async def scenario():
+        buffer = CheckBuffer(group, 0, (0, NUMEL), WEIGHTS, codec=CODEC, mode="mean")
+        state = RoundState(group, [(0, NUMEL)], lambda i, first: None)
+        state.checks[0] = buffer
+        exchange = Exchange(None, me, None, None, None, CODEC, timeout=0.5)
+        part = OutgoingPart(0, group.reducers[0], TensorVector(values), WEIGHTS[me])
+        payloads = Payloads(CODEC, part, bounds)
+        started = time.monotonic()
+        await asyncio.wait_for(exchange.send_check(state, 0, payloads), 5.0)
+        return time.monotonic() - started, len(buffer.payloads[me])
+
+    took, held = asyncio.run(scenario())
+    assert 0.4 < took < 2.0 and held == WINDOW

@@ -19,12 +19,12 @@ from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.swarm import wire
 from p2p_trainer.swarm.commit import CommitPhase
 from p2p_trainer.swarm.errors import RoundFailed
-from p2p_trainer.swarm.messages import ProtocolError, ReduceRefusal, SliceTrailer, T, parse
+from p2p_trainer.swarm.messages import PartHeader, ProtocolError, ReduceRefusal, SliceTrailer, T, parse
 from p2p_trainer.swarm.partition import SliceFailed
 from p2p_trainer.swarm.parts import Payloads, Replies
 from p2p_trainer.swarm.reducer import ReducerService
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer
-from p2p_trainer.swarm.verify import Signer, verifier_of
+from p2p_trainer.swarm.verify import CheckBuffer, Signer, verifier_of
 
 logger = logging.getLogger(__name__)
 
@@ -126,27 +126,39 @@ class Exchange:
             await wire.close(writer)
 
     async def send_check(self, state: RoundState, index: int, payloads: Payloads) -> None:
-        """A copy of our part of slice ``index`` for its verifier (see ``verify``); best effort."""
+        """A copy of our part of slice ``index`` for its verifier (see ``verify``); best effort, and
+        within ``timeout`` wherever the verifier is (its copies are read behind the reducer's chunks,
+        which may never come: a reducer that stalls must not keep this copy, and our part, forever)."""
         verifier = verifier_of(state.group, index)
         header = payloads.header(state.group, index).model_copy(update={"check": True})
-        if verifier == self.peer_id:
-            buffer = state.checks[index]
-            if buffer.check(verifier, header) is None:
-                async for c, payload in payloads:
-                    await buffer.may_read(c)
-                    buffer.submit(verifier, c, payload)
-            return
         try:
-            _, reader, writer = await self._p2p.call_binary_stream_handler(
-                PeerID.from_base58(verifier), self.service.part_handler
-            )
-            try:
-                await wire.send_message(writer, header, state.traffic)
-                await asyncio.wait_for(send_chunks(writer, payloads, state.traffic), self.timeout)
-            finally:
-                await wire.close(writer)
+            async with asyncio.timeout(self.timeout):
+                if verifier == self.peer_id:
+                    await _copy_here(state.checks[index], verifier, header, payloads)
+                else:
+                    await self._copy_to(verifier, header, payloads, state.traffic)
         except Exception as e:  # the verifier is gone or slow: it will find nothing, which is no finding
             logger.info(f"round {state.group.outer_step}: copy of slice {index} for {verifier} failed: {e!r}")
+
+    async def _copy_to(
+        self, verifier: str, header: PartHeader, payloads: Payloads, traffic: wire.Traffic
+    ) -> None:
+        _, _, writer = await self._p2p.call_binary_stream_handler(
+            PeerID.from_base58(verifier), self.service.part_handler
+        )
+        try:
+            await wire.send_message(writer, header, traffic)
+            await send_chunks(writer, payloads, traffic)
+        finally:
+            await wire.close(writer)
+
+
+async def _copy_here(buffer: CheckBuffer, me: str, header: PartHeader, payloads: Payloads) -> None:
+    """Our own copy, for a slice we re-check ourselves: read like any other (``CheckBuffer.may_read``)."""
+    if buffer.check(me, header) is None:
+        async for c, payload in payloads:
+            await buffer.may_read(c)
+            buffer.submit(me, c, payload)
 
 
 async def send_chunks(writer: asyncio.StreamWriter, payloads: Payloads, traffic: wire.Traffic) -> None:
