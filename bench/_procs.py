@@ -139,7 +139,14 @@ def run_round(workers: Sequence[Worker], codec: str, rnd: int, timeout: float = 
     start = time.time() + 0.3
     for w in workers:
         w.send(f"go {codec} {rnd} {start!r}")
-    return [w.expect(timeout) for w in workers]
+    answers = [w.expect(timeout) for w in workers]
+    # the result's hash and error only once every peer is done: a peer that finished first would
+    # otherwise spend the cores on them while the slowest peer, whose time is the round's, still runs
+    for w in workers:
+        w.send(f"check {codec} {rnd}")
+    for answer, w in zip(answers, workers, strict=True):
+        answer.update(w.expect(timeout))
+    return answers
 
 
 def free_port() -> int:
@@ -171,7 +178,7 @@ def _exact_mean(numel: int, world: int):
 
 
 def _sha(t) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(memoryview(t.contiguous().numpy()).cast("B")).hexdigest()[:16]
 
 
 def _rel_err(result, exact) -> float:
@@ -249,6 +256,7 @@ class _Ours:
                                min_group_size=args.world, matchmaking_timeout=60.0,
                                allreduce_timeout=120.0, join_timeout=60.0)
             self.peers[variant] = SwarmPeer(cfg, {"run": args.run_id})
+        self.outs: dict = {}  # codec -> the tensor its rounds decode the average into, kept across rounds
 
     def maddrs(self) -> dict:
         return {c: p.visible_maddrs for c, p in self.peers.items()}
@@ -269,15 +277,20 @@ class _Ours:
             time.sleep(0.05)
 
     def go(self, codec: str, rnd: int, vector) -> tuple[dict, object]:
+        # as the trainer does (outer_sync), the average goes into a tensor kept across rounds; it
+        # still counts in the round's peak, as the new tensor it replaces did
+        out = self.outs.get(codec)
         cpu = time.process_time()
         with HeapPeak() as heap:
-            res = self.peers[codec].all_reduce(outer_step=rnd, vector=vector, weight=1.0)
+            res = self.peers[codec].all_reduce(outer_step=rnd, vector=vector, weight=1.0, out=out)
         cpu = time.process_time() - cpu
         if res is None:
             raise RuntimeError(f"round {rnd} ({codec}) failed")
+        peak = heap.peak + (out.numel() * 4 if out is not None else 0)
+        self.outs[codec] = res.average
         return {"allreduce_s": res.allreduce_s, "wait_s": res.wait_s, "group_size": res.group_size,
                 "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received,
-                "peak_extra_bytes": heap.peak, "cpu_s": cpu}, res.average
+                "peak_extra_bytes": peak, "cpu_s": cpu}, res.average
 
     def close(self) -> None:
         for p in self.peers.values():
@@ -369,6 +382,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         engine.build(vector)
     exact = _exact_mean(args.numel, args.world) if args.rank == 0 else None
     say({"maddrs": engine.maddrs()})
+    result = None
     try:
         for line in sys.stdin:
             cmd = line.split()
@@ -383,9 +397,13 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(max(0.0, start - time.time()))
                 info, result = engine.go(codec, rnd, vector)
                 end = info.pop("_end", time.time())
-                info.update(round_s=end - start, sha=_sha(result))
+                info.update(round_s=end - start)
+                say(info)
+            elif cmd[0] == "check":  # the last round's result, after every peer finished it
+                info = {"sha": _sha(result)}
                 if exact is not None:
                     info["rel_err"] = _rel_err(result, exact)
+                result = None
                 say(info)
     finally:
         engine.close()

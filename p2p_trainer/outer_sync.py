@@ -109,6 +109,10 @@ class OuterSync:
         self.diloco = self.state.diloco  # this rank's share of θ and of the momentum
         self._in_flight: _InFlight | None = None
         self._good_step: int | None = None  # the outer step of the kept state that trained
+        # one rank: the tensor the last applied round's average was decoded into; the next round
+        # decodes into it again (a fresh one costs its first touch, every round: bench/notes/allreduce.md).
+        # With overlap a round starts before the last one is applied, so two take turns.
+        self._spare: torch.Tensor | None = None
         # the schedule position when θ was last committed (the one we serve and publish with it)
         self.committed_inner_step = inner.step_count
 
@@ -142,12 +146,15 @@ class OuterSync:
 
     def _all_reduce(self, outer_step: int, weight: float, *, background: bool):
         call = self.swarm.start_all_reduce if background else self.swarm.all_reduce
+        keep_average = self.ranks.world == 1  # with several ranks the average streams to them
+        out, self._spare = (self._spare, None) if keep_average else (None, self._spare)
         return call(
             outer_step=outer_step,
             vector=_Part(self.state),
             weight=weight,
             sent=_Sent(self.state) if self.error_feedback else None,
-            keep_average=self.ranks.world == 1,  # with several ranks the average streams to them
+            keep_average=keep_average,
+            out=out,
         )
 
     def _blocking(self, outer_step: int, weight: float) -> RoundReport:
@@ -196,6 +203,8 @@ class OuterSync:
             state.version += 1
             finite = state.commit()
         self.committed_inner_step = self.inner.step_count
+        if result.average is not None:  # applied: free for the next round's average
+            self._spare = result.average
         return RoundReport(True, result.metrics(), self.diloco.committed_sha256, finite, advanced=True)
 
     def _average_windows(self, result: RoundResult) -> Iterator[tuple[int, int, torch.Tensor]]:

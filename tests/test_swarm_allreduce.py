@@ -74,6 +74,27 @@ def test_weighted_mean_is_exact_bitwise_equal_and_lean_on_the_wire(peers):
         assert abs(r.bytes_received - ideal) / ideal < 0.10, (r.bytes_received, ideal)
 
 
+@pytest.mark.timeout(60)
+def test_the_average_lands_in_the_callers_tensor_whatever_it_held(peers):
+    """``out``: the tensor a caller keeps across rounds (the trainer does) becomes the average."""
+    numel = 30_001
+    gen = torch.Generator().manual_seed(5)
+    vectors = [torch.randn(numel, generator=gen) for _ in peers]
+    weights = [1.0, 2.0, 3.0]
+    outs = [torch.full((numel,), float("nan")) for _ in peers]  # what a last round left, or worse
+    results = st.run_round(peers, _next_step(peers), vectors, weights, outs=outs)
+    expected = st.reference_mean(
+        {p.peer_id: v for p, v in zip(peers, vectors, strict=True)},
+        {p.peer_id: w for p, w in zip(peers, weights, strict=True)},
+        results[0].members,
+    )
+    for r, out in zip(results, outs, strict=True):
+        assert r is not None and r.average.data_ptr() == out.data_ptr()
+        assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="out has 30000 values, the vector 30001"):
+        peers[0].all_reduce(outer_step=0, vector=vectors[0], weight=1.0, out=torch.empty(numel - 1))
+
+
 def _params_hash(theta: torch.Tensor) -> str:
     return hashlib.sha256(theta.numpy().tobytes()).hexdigest()
 

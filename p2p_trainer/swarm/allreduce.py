@@ -175,17 +175,22 @@ class AllReducer:
         *,
         sent: VectorSink | None = None,
         keep_average: bool = True,
+        out: torch.Tensor | None = None,
     ) -> RoundResult:
         """Average ``vector`` (read chunk by chunk) with the group; RoundFailed when a slice cannot be
         completed, or when the commit phase shows that the members do not all hold the same average
         (see ``verify``). ``sent``: where what our parts decode to goes (for error feedback).
-        ``keep_average``: decode the average into one tensor; else the result keeps the reducers'
-        encoded chunks (``encoded``), each checked to decode, for the caller to stream."""
+        ``keep_average``: decode the average into one tensor (``out`` when given, else a new one);
+        else the result keeps the reducers' encoded chunks (``encoded``), each checked to decode,
+        for the caller to stream."""
         started = time.monotonic()
         source = vector if not isinstance(vector, torch.Tensor) else TensorVector(vector)
         members = [m.peer_id for m in group.members]
         if len(group.members) == 1:
-            whole = source.read(0, source.numel).clone() if keep_average or sent is not None else None
+            whole = None
+            if keep_average or sent is not None:
+                own = source.read(0, source.numel)
+                whole = out.copy_(own) if out is not None and keep_average else own.clone()
             if sent is not None:
                 sent.write(0, source.numel, whole)
             return RoundResult(
@@ -194,7 +199,7 @@ class AllReducer:
             )  # fmt: skip
         state = self._new_round(group)
         self.service.register(state)
-        average = empty_f32(group.numel) if keep_average else None
+        average = (out if out is not None else empty_f32(group.numel)) if keep_average else None
         try:
             contributions = [
                 self._contribute(

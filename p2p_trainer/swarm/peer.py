@@ -237,13 +237,16 @@ class SwarmPeer(Observer):
         weight: float,
         sent: VectorSink | None = None,
         keep_average: bool = True,
+        out: torch.Tensor | None = None,
     ) -> RoundResult | None:
         """Average ``vector`` with this step's group, weighted by tokens. None when the round
         failed (no group, a reducer lost, ...): the caller keeps its parameters unchanged.
         ``sent``: where what our parts decode to goes (for error feedback); ``keep_average``: the
-        result's ``average`` is one tensor, else its ``encoded`` chunks (see ``decode``)."""
+        result's ``average`` is one tensor, else its ``encoded`` chunks (see ``decode``).
+        ``out``: the tensor that becomes ``average`` (its contents are undefined after a failed
+        round); a caller that keeps one across rounds spares the fresh tensor's page faults."""
         pending = self.start_all_reduce(
-            outer_step=outer_step, vector=vector, weight=weight, sent=sent, keep_average=keep_average
+            outer_step=outer_step, vector=vector, weight=weight, sent=sent, keep_average=keep_average, out=out
         )
         return pending.result()
 
@@ -255,16 +258,21 @@ class SwarmPeer(Observer):
         weight: float,
         sent: VectorSink | None = None,
         keep_average: bool = True,
+        out: torch.Tensor | None = None,
     ) -> PendingRound:
         """Find this step's group (blocking), then average ``vector`` with it in the background
-        while the caller goes on (an overlapped outer step); ``vector`` must stay unchanged until
-        the round's ``result()`` is in. A source that is not a tensor is read chunk by chunk, off
-        the caller's thread."""
-        if isinstance(vector, torch.Tensor):
-            if not (vector.dtype == torch.float32 and vector.dim() == 1 and vector.is_contiguous()):
-                raise TypeError("all_reduce needs a 1-D contiguous float32 tensor")
-            if vector.device.type != "cpu":
-                raise TypeError("all_reduce needs a CPU tensor")
+        while the caller goes on (an overlapped outer step); ``vector`` must stay unchanged, and
+        ``out`` unused, until the round's ``result()`` is in. A source that is not a tensor is read
+        chunk by chunk, off the caller's thread."""
+        for name, t in (("vector", vector), ("out", out)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if not (t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()):
+                raise TypeError(f"all_reduce needs a 1-D contiguous float32 tensor as {name}")
+            if t.device.type != "cpu":
+                raise TypeError(f"all_reduce needs a CPU tensor as {name}")
+        if out is not None and out.numel() != _numel(vector):
+            raise ValueError(f"all_reduce out has {out.numel()} values, the vector {_numel(vector)}")
         if not math.isfinite(weight):
             raise ValueError(f"all_reduce weight must be finite, got {weight!r}")
         self.last_error = ""
@@ -297,7 +305,7 @@ class SwarmPeer(Observer):
             logger.info(f"round {outer_step}: all-reduce in group {group.group_id} of {len(group.members)}")
         # a lost reducer costs up to two reply timeouts (its own, then its backup's)
         future = self._node.start(
-            self._allreducer.run(group, vector, float(weight), sent=sent, keep_average=keep_average),
+            self._allreducer.run(group, vector, float(weight), sent=sent, keep_average=keep_average, out=out),
             timeout=4 * cfg.allreduce_timeout + 30.0,
             grace=_LEAVE_GRACE_S,
         )

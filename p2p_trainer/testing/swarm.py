@@ -93,15 +93,21 @@ def announce_step(
 
 
 def run_round(
-    peers: Sequence[SwarmPeer], step: int, vectors: Sequence[torch.Tensor], weights: Sequence[float]
+    peers: Sequence[SwarmPeer],
+    step: int,
+    vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    outs: Sequence[torch.Tensor | None] = (),
 ) -> list[RoundResult | None]:
-    """``all_reduce`` on every peer at once (one thread each), as separate processes would."""
+    """``all_reduce`` on every peer at once (one thread each), as separate processes would; each
+    peer's average into ``outs[i]`` when given."""
     results: list[RoundResult | None] = [None] * len(peers)
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
         try:
-            results[i] = peers[i].all_reduce(outer_step=step, vector=vectors[i], weight=weights[i])
+            out = outs[i] if outs else None
+            results[i] = peers[i].all_reduce(outer_step=step, vector=vectors[i], weight=weights[i], out=out)
         except BaseException as e:  # surfaced in the caller's thread below
             errors.append(e)
 
