@@ -6,21 +6,22 @@ default robust ``clip`` aggregation and the plain ``mean``) against stock hivemi
 
 For each group size both engines' peers are up at once (ours: one ``SwarmPeer`` per codec and
 aggregation in each peer process; hivemind: one DHT and one averager per compression), and rounds
-of the six variants are interleaved, so a change in machine load hits them alike; each round the
-order starts one variant later, so no variant always runs right after the other engine's. Every
+of the six variants are interleaved, so a change in machine load hits them alike, in a new
+(seeded) order each round, so no variant always runs right after the same other one. Every
 round starts at one agreed wall-clock time on all peers; its time is the slowest peer's; the
 result's hash and error are computed only once every peer is done. Ours is timed from the
 ``all_reduce`` call, matchmaking included, and decodes into a tensor kept across rounds, as the
 trainer does (hivemind averages its own tensors in place); hivemind's matchmaking is finished
 before the start (``require_trigger``), so its time is the all-reduce alone. One warm-up round per
-variant is not counted. ``peak_extra_MB``: the median over rounds of the largest per-peer peak of memory in use
-during the round above its start (see ``bench/_procs.py``, which also runs the peer processes);
+variant is not counted. ``peak_extra_MB``: the median over rounds of the largest per-peer peak of memory
+in use during the round above its start (see ``bench/_procs.py``, which also runs the peer processes);
 ``x_vector``: that over the vector's fp32 size; ``x_vector_rounds``: each timed round's.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 from pathlib import Path
@@ -46,9 +47,9 @@ def measure(world: int, numel: int, rounds: int, workdir: Path, hosts: list[str]
                                          run_id=f"bench{world}")
         out: dict[tuple[str, str], list[list[dict]]] = {v: [] for v in VARIANTS}
         for rnd in range(rounds + 1):
-            # each round starts one variant later: a variant's place in the order (the first after the
-            # other engine's rounds runs slower, whichever it is) moves round by round, hitting all alike
-            for engine, codec in VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]:
+            # a new order each round (seeded): what a round leaves behind for the next one hits
+            # every variant alike, not always the same neighbour
+            for engine, codec in random.Random(rnd).sample(VARIANTS, len(VARIANTS)):
                 answers = run_round(groups[engine], codec, rnd)
                 if rnd > 0:  # round 0 warms up connections, buffers, the native codec
                     out[(engine, codec)].append(answers)
