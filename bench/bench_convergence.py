@@ -195,8 +195,10 @@ def job_diloco(spec: dict) -> dict:
     (none | delayed | eager, as ``OuterSync`` does them) and ``error_feedback`` as in the trainer's
     config; the reducers' arithmetic is ``testing.simulate.swarm_average``. Beside the trainer's
     settings, for measuring alternatives: ``sparse_chunk``, ``sparse_k``, ``sparse_bits``,
-    ``return_k`` (the average goes back with another k), ``full_return`` (each worker's residual
-    takes its sent part minus the applied average everywhere, not only where the average is zero)
+    ``eager_lookahead`` (the share of the outer step an ``eager`` phase starts with; the trainer's
+    ``EAGER_LOOKAHEAD`` by default), ``return_k`` (the average goes back with another k),
+    ``full_return`` (each worker's residual takes its sent part minus the applied average
+    everywhere, not only where the average is zero)
     and ``top_k_bound``; with ``shared_k`` too, a bound for shared positions: each worker sends the
     exact values at the ``shared_k`` largest positions of each chunk of the previous round's average
     and its own top ``top_k_bound`` of the rest (the first round: its own top ``first_k``)."""
@@ -205,6 +207,7 @@ def job_diloco(spec: dict) -> dict:
     from p2p_trainer.codec import get_codec
     from p2p_trainer.config import OuterConfig
     from p2p_trainer.diloco import DiLoCo
+    from p2p_trainer.outer_sync import EAGER_LOOKAHEAD
     from p2p_trainer.testing.simulate import swarm_average
 
     h, budget = spec["H"], spec["budget"]
@@ -279,7 +282,7 @@ def job_diloco(spec: dict) -> dict:
                     residual[i] += torch.where(applied[0] == 0, applied[1][i], 0.0)
         for i, loop in enumerate(workers):
             if overlap == "eager":  # θ moved on by our pseudo-gradient in flight, at the outer lr
-                start[i] = theta - outer.lr * delta[i]
+                start[i] = theta - spec.get("eager_lookahead", EAGER_LOOKAHEAD) * outer.lr * delta[i]
                 loop.import_params(start[i])
             else:
                 loop.import_params(theta)

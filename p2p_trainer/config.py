@@ -151,7 +151,7 @@ class OuterConfig:
         "none",
         "'none': the round blocks training; 'delayed': it runs while the next inner steps compute and "
         "its average is applied one round late; 'eager': delayed, and the next inner steps start from θ "
-        "moved on by this peer's own pseudo-gradient in flight (at the outer lr), measured from there",
+        "moved on by this peer's own pseudo-gradient in flight (at 3/4 of the outer lr), measured from there",
     )
     error_feedback: str = _f(
         "auto",

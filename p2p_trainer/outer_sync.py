@@ -11,11 +11,13 @@ Overlap (``outer.overlap``). ``none``: the round blocks, as in DiLoCo. ``delayed
 step s runs in the background while the inner steps of step s+1 compute, and its average is applied
 one boundary later; the next inner phase starts from θ as it then is (its own last phase is in
 flight). ``eager`` (after Kale et al. 2025, "eager updates"): the same, but the next phase starts
-from θ moved on by this peer's own pseudo-gradient in flight, at the outer learning rate, and the
-next pseudo-gradient is measured from that start, so the phase does not learn again what the round
-in flight carries, and nothing is sent twice. That look-ahead is local: θ itself, the master copy
-every peer holds, only ever takes the all-reduced averages, so replicas stay bit-identical.
-(Measuring from θ instead, as the paper does, cost 5-6% held-out loss here: bench/notes/paired.md.)
+from θ moved on by this peer's own pseudo-gradient in flight, at ``EAGER_LOOKAHEAD`` (3/4) of the
+outer learning rate, and the next pseudo-gradient is measured from that start, so the phase does
+not learn again what the round in flight carries, and nothing is sent twice. That look-ahead is
+local: θ itself, the master copy every peer holds, only ever takes the all-reduced averages, so
+replicas stay bit-identical.
+(Measuring from θ instead, as the paper does, cost 5-6% held-out loss here; the whole outer step
+as look-ahead +1.16% at H=50 against 3/4's +0.68%, over three data orders: bench/notes/paired.md.)
 With overlap the outer step advances at every boundary; a failed round applies nothing (that round
 is lost).
 
@@ -47,6 +49,10 @@ from p2p_trainer.swarm.peer import PendingRound
 from p2p_trainer.swarm.state_format import FORMAT, MAX_LOCAL_HEADER, WINDOW, StateFormatError
 
 logger = logging.getLogger(__name__)
+
+# eager: the share of the outer step the next phase's start takes with our own pseudo-gradient in
+# flight, chosen by paired runs (bench/notes/paired.md)
+EAGER_LOOKAHEAD = 0.75
 
 
 @dataclass
@@ -175,9 +181,9 @@ class OuterSync:
         if not last:
             pending = self._all_reduce(outer_step, weight, background=True)
             self._in_flight = _InFlight(outer_step, pending)
-        # eager: the next phase starts from θ moved on by our own pseudo-gradient in flight, at the
-        # outer learning rate, as the outer step would move θ if we were alone
-        eager = self.outer_lr if self.overlap == "eager" and not last else 0.0
+        # eager: the next phase starts from θ moved on by our own pseudo-gradient in flight, at 3/4 of
+        # the outer learning rate (the whole of it is what the outer step would do if we were alone)
+        eager = EAGER_LOOKAHEAD * self.outer_lr if self.overlap == "eager" and not last else 0.0
         if result is not None and previous.step == outer_step - 1:
             report = self._apply(result)
             report.eager = eager

@@ -76,10 +76,10 @@ def test_the_average_lands_one_boundary_late_and_the_masters_stay_identical(peer
         master = outers[0].diloco.master
         if overlap == "delayed" or k == 3:  # from θ itself (the last boundary starts no round)
             assert all(torch.equal(s, master) for s in started)
-        else:  # eager: θ moved on by the peer's own pseudo-gradient in flight, at the outer lr
+        else:  # eager: θ moved on by the peer's own pseudo-gradient in flight, at 3/4 of the outer lr
             assert not torch.equal(started[0], started[1])
             for o, s in zip(outers, started, strict=True):
-                assert torch.allclose(s, master - o.outer_lr * o.state.delta, atol=1e-7)
+                assert torch.allclose(s, master - 0.75 * o.outer_lr * o.state.delta, atol=1e-7)
                 assert float(o.state.delta.norm()) > 0
     assert torch.equal(masters[0], outers[0].diloco.master) is False
     assert outers[0]._in_flight is None  # the last boundary started no round it could never apply
