@@ -12,7 +12,8 @@ Needs root (``ip netns``); without it the benchmark returns a single row that sa
 Part 1, all-reduce: 2 peers, ``numel`` fp32 each (4M, the size anchors.md measured stock hivemind
 at, and 16M, the loopback benchmark's), same peer processes as ``bench_allreduce`` (ours
 int8/fp32 and stock hivemind none/fp16 interleaved), next to the wire-time lower bound
-``2 (N-1)/N x numel x bytes per value / rate``.
+``2 (N-1)/N x numel x bytes per value / rate``; ours also without its matchmaking
+(``x_bound_allreduce_only``), as stock hivemind's figure is.
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
 namespaces, for several H and link rates. Utilization = time in inner steps / wall time, over the
@@ -135,6 +136,10 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                 bound = 2 * (n - 1) / n * numel * per_value * 8 / (rate * 1e6)
                 row["wire_bound_s"] = round(bound, 3)
                 row["x_bound"] = round(row["round_s"] / bound, 2)
+                if engine == "ours":  # without our matchmaking (stock hivemind's figure leaves its own out)
+                    alone = statistics.median(max(a["allreduce_s"] for a in rnd) for rnd in answers)
+                    row["allreduce_only_s"] = round(alone, 3)
+                    row["x_bound_allreduce_only"] = round(alone / bound, 2)
                 if engine == "ours":  # the bound for the bytes actually sent (headers, codebooks)
                     # max over peers: a reducer's reply still in flight when its own round returns
                     # is missing from that peer's count
