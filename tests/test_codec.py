@@ -118,6 +118,28 @@ def test_import_has_no_side_effects(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize(
+    "name,backend", [("fp32", "auto"), *((n, b) for n in ("int8", "sparse") for b in ("native", "reference"))]
+)
+def test_a_received_frame_decodes_in_place_as_its_bytes_do(name: str, backend: str) -> None:
+    """A payload as the wire hands it over (a view at an offset into a bytearray, not a copy)
+    decodes to the same bits as the same payload in ``bytes``, in every decode call."""
+    codec = get_codec(name, backend=backend)
+    x = torch.randn(70_001, generator=gen(3))
+    payload = codec.encode(x)
+    frame = bytearray(b"\x07" + payload)  # the frame's kind byte, then the payload
+    view = memoryview(frame)[1:]
+    assert torch.equal(codec.decode(view, x.numel()), codec.decode(payload, x.numel()))
+    a, b = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    codec.decode_into(view, a)
+    codec.decode_into(payload, b)
+    assert torch.equal(a, b)
+    a, b = torch.ones_like(x), torch.ones_like(x)
+    codec.decode_accumulate(frame[1:], a, 0.5)  # a bytearray of its own too
+    codec.decode_accumulate(payload, b, 0.5)
+    assert torch.equal(a, b)
+
+
 # -- fp32 ----------------------------------------------------------------------------------------
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -88,9 +90,24 @@ def check_out(out: torch.Tensor) -> None:
         raise TypeError(str(e)) from None
 
 
-def as_bytes(payload: bytes | bytearray | memoryview) -> bytes:
+def as_buffer(payload: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """The payload's bytes without copying them: ``bytes`` as they are, a received frame's
+    ``bytearray`` or contiguous view as a byte view of the same memory (a copy would cost a chunk's
+    size of fresh memory per decode). The caller must not change them while a codec reads them."""
     if isinstance(payload, bytes):
         return payload
-    if isinstance(payload, (bytearray, memoryview)):
-        return bytes(payload)
+    if isinstance(payload, bytearray):
+        return memoryview(payload)
+    if isinstance(payload, memoryview):
+        return payload.cast("B") if payload.c_contiguous else bytes(payload)
     raise CodecError(f"payload must be bytes-like, got {type(payload).__name__}")
+
+
+def buffer_address(buf: bytes | memoryview) -> int:
+    """Where ``buf``'s first byte lies in memory, for a native kernel that reads it."""
+    if isinstance(buf, bytes):
+        address = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+    else:
+        address = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    assert address is not None
+    return address

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2p_trainer.codec.base import CodecError, as_bytes, check_input, check_out, check_weight
+from p2p_trainer.codec.base import CodecError, as_buffer, check_input, check_out, check_weight
 
 _LE_F32 = np.dtype("<f4")
 
@@ -46,7 +46,7 @@ class Fp32Codec:
 
     @staticmethod
     def _parse(payload: bytes, numel: int) -> np.ndarray:
-        payload = as_bytes(payload)
+        payload = as_buffer(payload)
         if not isinstance(numel, int) or numel < 0:
             raise CodecError(f"numel must be a non-negative int, got {numel!r}")
         if len(payload) != 4 * numel:

@@ -15,6 +15,7 @@ from p2p_trainer.codec import int8_format as fmt
 from p2p_trainer.codec import native, reference
 from p2p_trainer.codec.base import (
     CodecError,
+    buffer_address,
     check_input,
     check_layout,
     check_out,
@@ -44,13 +45,7 @@ def _uninitialized_bytes(size: int) -> tuple[bytes, int]:
     """
     assert size >= fmt.HEADER_SIZE
     buf = _new_bytes(None, size)
-    return buf, _address(buf)
-
-
-def _address(buf: bytes) -> int:
-    address = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
-    assert address is not None
-    return address
+    return buf, buffer_address(buf)
 
 
 def default_threads() -> int:
@@ -173,7 +168,8 @@ class Int8Codec:
             return reference.dequantize(codes, codebooks, parsed.chunk_size)
         out = torch.empty(numel, dtype=torch.float32)
         payload = parsed.payload
-        rc = kernels.dequantize(_address(payload), len(payload), out.data_ptr(), 4 * numel, self._threads())
+        address = buffer_address(payload)
+        rc = kernels.dequantize(address, len(payload), out.data_ptr(), 4 * numel, self._threads())
         if rc != 0:
             raise fmt.native_error(rc, "p2pq_dequantize")
         return out
@@ -188,7 +184,7 @@ class Int8Codec:
             return
         payload = parsed.payload
         rc = kernels.dequantize(
-            _address(payload), len(payload), out.data_ptr(), 4 * out.numel(), self._threads()
+            buffer_address(payload), len(payload), out.data_ptr(), 4 * out.numel(), self._threads()
         )
         if rc != 0:
             raise fmt.native_error(rc, "p2pq_dequantize")
@@ -204,7 +200,7 @@ class Int8Codec:
             return
         payload = parsed.payload
         rc = kernels.decode_accumulate(
-            _address(payload), len(payload), w, out.data_ptr(), 4 * out.numel(), self._threads()
+            buffer_address(payload), len(payload), w, out.data_ptr(), 4 * out.numel(), self._threads()
         )
         if rc != 0:
             raise fmt.native_error(rc, "p2pq_decode_accumulate")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2p_trainer.codec.base import CodecError, as_bytes
+from p2p_trainer.codec.base import CodecError, as_buffer
 
 MAGIC = b"P2Q8"
 VERSION = 1
@@ -129,14 +129,14 @@ class Parsed:
     numel: int
     chunk_size: int
     n_chunks: int
-    codebooks: np.ndarray  # (n_chunks, 256) little-endian fp32, a read-only view into the payload
+    codebooks: np.ndarray  # (n_chunks, 256) little-endian fp32, a view into the payload
     codes_offset: int
-    payload: bytes
+    payload: bytes | memoryview
 
 
-def parse(payload: bytes, numel: int) -> Parsed:
+def parse(payload: bytes | bytearray | memoryview, numel: int) -> Parsed:
     """Validate an untrusted payload completely before anything reads its codes."""
-    payload = as_bytes(payload)
+    payload = as_buffer(payload)
     if not isinstance(numel, int) or numel < 0:
         raise CodecError(f"numel must be a non-negative int, got {numel!r}")
     if len(payload) < HEADER_SIZE:

@@ -19,6 +19,7 @@ from p2p_trainer.codec import sparse_format as fmt
 from p2p_trainer.codec import sparse_reference as reference
 from p2p_trainer.codec.base import (
     CodecError,
+    buffer_address,
     check_input,
     check_layout,
     check_out,
@@ -46,13 +47,7 @@ def _uninitialized_bytes(size: int) -> tuple[bytes, int]:
     of the payload; ``size`` >= the header size, so never a shared empty/one-byte singleton."""
     assert size >= fmt.HEADER_SIZE
     buf = _new_bytes(None, size)
-    return buf, _address(buf)
-
-
-def _address(buf: bytes) -> int:
-    address = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
-    assert address is not None
-    return address
+    return buf, buffer_address(buf)
 
 
 class SparseKernels:
@@ -231,7 +226,7 @@ class SparseCodec:
     ) -> None:
         lay = parsed.layout
         bad = kernels.decode(
-            _address(parsed.payload),
+            buffer_address(parsed.payload),
             lay.size,
             lay.numel,
             parsed.params,

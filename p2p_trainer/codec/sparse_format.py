@@ -67,7 +67,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2p_trainer.codec.base import CodecError, as_bytes
+from p2p_trainer.codec.base import CodecError, as_buffer
 
 MAGIC = b"P2SP"
 VERSION = 2
@@ -205,9 +205,9 @@ class Parsed:
     """A payload whose header, length, levels and counts are valid (slots: see ``unpack_slots``)."""
 
     layout: Layout
-    levels: np.ndarray  # (n_chunks, L) little-endian fp32, a read-only view into the payload
+    levels: np.ndarray  # (n_chunks, L) little-endian fp32, a view into the payload
     counts: np.ndarray  # (n_chunks,) int64
-    payload: bytes
+    payload: bytes | memoryview
 
     @property
     def params(self) -> SparseParams:
@@ -217,7 +217,7 @@ class Parsed:
 def parse(payload: bytes | bytearray | memoryview, numel: int) -> Parsed:
     """Check everything but the slot bits of an untrusted payload, in O(n_chunks), reading nothing
     beyond what the header and the length already proved to be there."""
-    payload = as_bytes(payload)
+    payload = as_buffer(payload)
     if type(numel) is not int or not 0 <= numel <= MAX_NUMEL:
         raise CodecError(f"numel must be an int in [0, {MAX_NUMEL}], got {numel!r}")
     if len(payload) < HEADER_SIZE:
