@@ -152,14 +152,13 @@ class OuterSync:
 
     def _all_reduce(self, outer_step: int, weight: float, *, background: bool):
         call = self.swarm.start_all_reduce if background else self.swarm.all_reduce
-        keep_average = self.ranks.world == 1  # with several ranks the average streams to them
-        out, self._spare = (self._spare, None) if keep_average else (None, self._spare)
+        out, self._spare = self._spare, None  # (always None with several ranks: see ``_apply``)
         return call(
             outer_step=outer_step,
             vector=_Part(self.state),
             weight=weight,
             sent=_Sent(self.state) if self.error_feedback else None,
-            keep_average=keep_average,
+            keep_average=self.ranks.world == 1,  # with several ranks the average streams to them
             out=out,
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 from typing import Protocol, runtime_checkable
 
@@ -105,9 +104,4 @@ def as_buffer(payload: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 def buffer_address(buf: bytes | memoryview) -> int:
     """Where ``buf``'s first byte lies in memory, for a native kernel that reads it."""
-    if isinstance(buf, bytes):
-        address = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
-    else:
-        address = np.frombuffer(buf, dtype=np.uint8).ctypes.data
-    assert address is not None
-    return address
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
