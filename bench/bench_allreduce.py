@@ -37,19 +37,22 @@ GOAL_MEMORY_X = 2.0  # peak extra memory, times the vector's fp32 size
 
 
 def measure(world: int, numel: int, rounds: int, workdir: Path, hosts: list[str] | None = None,
-            prefix: list[list[str]] | None = None) -> dict[tuple[str, str], list[list[dict]]]:
-    """{(engine, codec): [per-round list of per-peer answers]} for ``rounds`` timed rounds each."""
+            prefix: list[list[str]] | None = None,
+            variants: list[tuple[str, str]] = VARIANTS) -> dict[tuple[str, str], list[list[dict]]]:
+    """{(engine, codec): [per-round list of per-peer answers]} for ``rounds`` timed rounds of each of
+    ``variants``; only their peers are started."""
     hosts = hosts or ["127.0.0.1"] * world
     groups = {}
     try:
-        for engine in ENGINE_CODECS:
+        for engine in [e for e in ENGINE_CODECS if any(v[0] == e for v in variants)]:
+            codecs = [c for e, c in variants if e == engine]
             groups[engine] = start_group(engine, world, numel, workdir, hosts=hosts, prefix=prefix or (),
-                                         run_id=f"bench{world}")
-        out: dict[tuple[str, str], list[list[dict]]] = {v: [] for v in VARIANTS}
+                                         codecs=codecs, run_id=f"bench{world}")
+        out: dict[tuple[str, str], list[list[dict]]] = {v: [] for v in variants}
         for rnd in range(rounds + 1):
             # a new order each round (seeded): what a round leaves behind for the next one hits
             # every variant alike, not always the same neighbour
-            for engine, codec in random.Random(rnd).sample(VARIANTS, len(VARIANTS)):
+            for engine, codec in random.Random(rnd).sample(variants, len(variants)):
                 answers = run_round(groups[engine], codec, rnd)
                 if rnd > 0:  # round 0 warms up connections, buffers, the native codec
                     out[(engine, codec)].append(answers)

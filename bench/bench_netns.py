@@ -10,10 +10,13 @@ they are removed afterwards, also when the run fails, and stale ones of dead run
 Needs root (``ip netns``); without it the benchmark returns a single row that says so.
 
 Part 1, all-reduce: 2 peers, ``numel`` fp32 each (4M, the size anchors.md measured stock hivemind
-at, and 16M, the loopback benchmark's), same peer processes as ``bench_allreduce`` (ours
-int8/fp32 and stock hivemind none/fp16 interleaved), next to the wire-time lower bound
-``2 (N-1)/N x numel x bytes per value / rate``; ours also without its matchmaking
-(``x_bound_allreduce_only``), as stock hivemind's figure is.
+at, and 16M, the loopback benchmark's), same peer processes as ``bench_allreduce``, next to the
+wire-time lower bound ``2 (N-1)/N x numel x bytes per value / rate``; ours also without its
+matchmaking (``x_bound_allreduce_only``), as stock hivemind's figure is. One family after another
+(``FAMILIES``: stock hivemind none/fp16, our int8, our fp32), rounds interleaved within a family, and
+only that family's peers up: with every family's peers up at once, as on loopback, the rounds of all
+of them, stock hivemind's too, spread over 1.1-1.5x of their bounds from round to round on these
+2 cores (bench/notes/netns.md); one volunteer machine runs one peer.
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
 namespaces, for several H and link rates. Utilization = time in inner steps / wall time, over the
@@ -42,6 +45,9 @@ PREFIX = "p2pb"
 SUBNET = "10.213.0"
 BYTES_PER_VALUE = {"int8": 1, "fp16": 2, "fp32": 4, "none": 4}
 ANCHORS = {("hivemind", "none"): 1.60, ("hivemind", "fp16"): 0.69}  # anchors.md, 2 peers, 4M fp32, 100 Mbit
+# part 1 measures these families one after another, each with only its own peer processes running
+FAMILIES = [[v for v in VARIANTS if v[0] == "hivemind"], [v for v in VARIANTS if v[1].startswith("int8")],
+            [v for v in VARIANTS if v[1].startswith("fp32")]]
 
 
 # ---------------------------------------------------------------- namespaces
@@ -122,8 +128,10 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
     for rate in rates:
         nets.shape(rate)
         before = loadavg()
-        results = measure(n, numel, rounds, workdir, hosts=nets.addrs,
-                          prefix=[nets.prefix(i) for i in range(n)])
+        results = {}
+        for family in FAMILIES:  # each with only its own peers up (see the module's docstring)
+            results.update(measure(n, numel, rounds, workdir, hosts=nets.addrs,
+                                   prefix=[nets.prefix(i) for i in range(n)], variants=family))
         for engine, codec in VARIANTS:
             answers = results[(engine, codec)]
             times = [max(a["round_s"] for a in rnd) for rnd in answers]
