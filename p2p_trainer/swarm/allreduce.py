@@ -36,6 +36,7 @@ from p2p_trainer.swarm.exchange import Exchange, ReducerLost
 from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import SliceTrailer
 from p2p_trainer.swarm.partition import (
+    Scratch,
     SliceFailed,
     SliceReduction,
     chunk_bounds,
@@ -118,6 +119,7 @@ class AllReducer:
         *,
         takeover: bool = False,
         first_chunk: int = 0,
+        scratch: Scratch | None = None,
     ) -> SliceReduction:
         reduction = SliceReduction(
             group,
@@ -131,6 +133,7 @@ class AllReducer:
             takeover=takeover,
             first_chunk=first_chunk,
             seal=self.signer.seal,
+            scratch=scratch,
         )
         self._spawn(reduction.run())
         return reduction
@@ -144,8 +147,11 @@ class AllReducer:
     def _new_round(self, group: Group) -> RoundState:
         reducers = group.reducers
         bounds = slice_bounds(group.numel, len(reducers))
+        scratch = Scratch()  # one buffer for every slice we reduce or re-check this round (see Scratch)
         # a takeover waits up to the ceiling: members find a reducer gone at different times
-        takeover = functools.partial(self._reduction, group, bounds, timeout=self.timeout, takeover=True)
+        takeover = functools.partial(
+            self._reduction, group, bounds, timeout=self.timeout, takeover=True, scratch=scratch
+        )
         state = RoundState(group, bounds, lambda i, first: takeover(i, first_chunk=first))
         part_deadline = self.part_delays.wait()
         self.service.reply_timeout = deadlines.reply_timeout(self.answer_delays, reducers)
@@ -155,7 +161,9 @@ class AllReducer:
             f"{self.answer_delays.rounds} recent rounds; allreduce_timeout={self.timeout:g}s is the ceiling)"
         )
         if self.peer_id in reducers:
-            state.reduction = self._reduction(group, bounds, reducers.index(self.peer_id), part_deadline)
+            state.reduction = self._reduction(
+                group, bounds, reducers.index(self.peer_id), part_deadline, scratch=scratch
+            )
             deadlines.learn_arrivals(self.part_delays, state.reduction, self.peer_id)
             state.pool = CommitPool(group, self.signer)
         deadlines.learn_answers(self.answer_delays, state)
@@ -163,7 +171,9 @@ class AllReducer:
         for index in checked_slices(group.group_id, len(reducers), self.recheck):
             if verifier_of(group, index) == self.peer_id:
                 early = dict(codec=self.codec, mode=self.aggregation, tau=self.tau)  # see CheckBuffer
-                state.checks[index] = CheckBuffer(group, index, bounds[index], weights, **early)
+                state.checks[index] = CheckBuffer(
+                    group, index, bounds[index], weights, **early, scratch=scratch
+                )
         return state
 
     # ---- member side ----

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 WINDOW = 4  # chunks a member's stream may run ahead of the slice's slowest member
 WINDOW_BYTES = 8 << 20  # ... and at most about these many bytes of them (chunks of 4 MiB: 2)
+
+
+def read_ahead(largest: int) -> int:
+    """Chunks a stream may be read ahead when its chunks take up to ``largest`` bytes: ``WINDOW``,
+    and about ``WINDOW_BYTES`` of them, never fewer than 2 (so that reading and reducing overlap)."""
+    return max(2, min(WINDOW, WINDOW_BYTES // max(largest, 1)))
 
 
 def slice_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
@@ -101,11 +108,14 @@ def empty_f32(numel: int) -> torch.Tensor:
 
 
 class Scratch:
-    """A buffer one reduction reuses from chunk to chunk: a new tensor per chunk would cost a page
-    fault per 4 KiB, every chunk."""
+    """A buffer reused from chunk to chunk: a new tensor per chunk would cost a page fault per
+    4 KiB, every chunk. A round's own reduction and its re-checks share one (``clip`` takes
+    (members + 1) chunks of fp32 in it, 20 MB at 4 members and 2^20 values): whoever combines into
+    it holds ``lock`` until done with what it holds."""
 
     def __init__(self) -> None:
         self._flat = torch.empty(0, dtype=torch.float32)
+        self.lock = threading.Lock()
 
     def take(self, numel: int) -> torch.Tensor:
         if self._flat.numel() < numel:
@@ -185,6 +195,7 @@ class SliceReduction:
         takeover: bool = False,
         first_chunk: int = 0,
         seal: Callable[[str, int, str], str] | None = None,
+        scratch: Scratch | None = None,
     ) -> None:
         self.group, self.index, (self.lo, self.hi) = group, index, bounds
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
@@ -213,7 +224,7 @@ class SliceReduction:
         self.replies: list[asyncio.Future[bytes]] = [loop.create_future() for _ in self.chunks]
         self.trailer: asyncio.Future[SliceTrailer] = loop.create_future()
         self._hash = hashlib.sha256()  # of the replies in order, updated where each is encoded
-        self._scratch = Scratch()
+        self.scratch = scratch or Scratch()
 
     @property
     def numel(self) -> int:
@@ -255,8 +266,8 @@ class SliceReduction:
 
     @property
     def window(self) -> int:
-        """Chunks a member may run ahead of the slowest (see ``WINDOW_BYTES``)."""
-        return max(2, min(WINDOW, WINDOW_BYTES // max(self._largest, 1)))
+        """Chunks a member may run ahead of the slowest (see ``read_ahead``)."""
+        return read_ahead(self._largest)
 
     async def may_read(self, chunk: int) -> None:
         """Wait until reading ``chunk`` of a member keeps it within ``window`` chunks of the slowest."""
@@ -333,11 +344,12 @@ class SliceReduction:
         """(an executor thread, one chunk at a time) Decode, check and combine the parts of chunk
         ``c`` in group order, encode the average and add it to the slice's hash."""
         lo, hi = self.chunks[c]
-        outcome = combine(self.codec, self.aggregation, self.tau, parts, hi - lo, self._scratch)
-        if outcome.average is None:
-            raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
-        outcome.reply = self.codec.encode(outcome.average)
-        outcome.average = None  # it lives in the scratch buffer, which the next chunk reuses
+        with self.scratch.lock:
+            outcome = combine(self.codec, self.aggregation, self.tau, parts, hi - lo, self.scratch)
+            if outcome.average is None:
+                raise SliceFailed(f"no valid part for slice {self.index} of round {self.group.outer_step}")
+            outcome.reply = self.codec.encode(outcome.average)
+            outcome.average = None  # it lives in the scratch buffer, which the next chunk reuses
         self._hash.update(outcome.reply)
         return outcome
 

@@ -30,7 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import Accusation, CommitPost, CommitReply, PartHeader, Seal, SliceTrailer
-from p2p_trainer.swarm.partition import WINDOW, Scratch, chunk_bounds, combine
+from p2p_trainer.swarm.partition import Scratch, chunk_bounds, combine, read_ahead
 
 _TOLERANCE = 1e-3  # relative L2 between a reducer's average and a verifier's recomputation
 
@@ -194,12 +194,15 @@ class CheckBuffer:
     in an executor thread as soon as every member's copy of it is in, so that the check overlaps
     the round instead of following it. Once the reducer's own chunk (``reply``) equals that
     recompute, the chunk is checked and its copies are dropped; and a copy is read at most
-    ``WINDOW`` chunks ahead of the first chunk not compared yet (``may_read``), the rest waiting at
-    its sender. So a verifier holds the chunks in flight, not every member's whole part (for fp32
+    ``window`` chunks ahead of the first chunk not compared yet (``may_read``; as many as a reducer
+    reads ahead, ``partition.read_ahead``: 4 chunks of int8, 2 of fp32), the rest waiting at its
+    sender. So a verifier holds the chunks in flight, not every member's whole part (for fp32
     that was the whole vector once more).
     ``mismatch`` recomputes the chunks left from the parts the reducer says it used. The early
-    recomputes run one at a time, in chunk order, in one reused buffer: run side by side, each took
-    its own (members + 1) chunks of fp32 (20 MB at 4 members and 2^20 values)."""
+    recomputes run one at a time, in chunk order, in the round's ``Scratch`` buffer, which the slice
+    we reduce ourselves uses too (never at the same time): run side by side, each took its own
+    (members + 1) chunks of fp32 (20 MB at 4 members and 2^20 values), and a verifier that kept a
+    buffer beside its reduction's peaked at 2.2x the vector in a 4-peer int8 round."""
 
     def __init__(
         self,
@@ -211,6 +214,7 @@ class CheckBuffer:
         codec: Codec | None = None,
         mode: str = "mean",
         tau: float = 2.0,
+        scratch: Scratch | None = None,
     ) -> None:
         self.group, self.index, (self.lo, self.hi), self.weights = group, index, bounds, weights
         self.chunks = chunk_bounds(self.hi - self.lo, group.chunk)
@@ -221,11 +225,12 @@ class CheckBuffer:
         self.checked: set[int] = set()  # chunks the reducer sent as every member's parts average
         self._recomputed: set[int] = set()
         self._compared: set[int] = set()
-        self._ahead = 0  # the first chunk not compared yet: copies are read up to WINDOW beyond it
+        self._ahead = 0  # the first chunk not compared yet: copies are read up to ``window`` beyond it
+        self._largest = 0  # the largest copy of a chunk seen: what ``window`` is sized by
         self._changed = asyncio.Event()
         self.pending: list[asyncio.Future] = []
         self._turn = asyncio.Lock()  # one early recompute at a time (FIFO: in chunk order)
-        self._scratch = Scratch()
+        self.scratch = scratch or Scratch()  # the round's, shared with the slices we reduce
 
     def check(self, sender: str, header: PartHeader) -> str | None:
         declared = self.group.member(sender)
@@ -244,6 +249,7 @@ class CheckBuffer:
         parts = self.payloads.get(sender)
         if parts is not None and len(parts) == chunk:
             parts.append(payload)
+            self._largest = max(self._largest, len(payload))
             self._changed.set()
             members = self.group.members
             complete = all(len(self.payloads.get(m.peer_id, ())) > chunk for m in members)
@@ -273,19 +279,23 @@ class CheckBuffer:
         self._compare(c)
         self._changed.set()
 
+    @property
+    def window(self) -> int:
+        return read_ahead(self._largest)
+
     async def may_read(self, c: int) -> None:
-        """Wait until a copy's chunk ``c`` is within ``WINDOW`` chunks of the first not compared,
-        unless that one lacks a member's copy while the reducer's chunks are ``WINDOW`` further on:
+        """Wait until a copy's chunk ``c`` is within ``window`` chunks of the first not compared,
+        unless that one lacks a member's copy while the reducer's chunks are ``window`` further on:
         a copy that never comes must not hold back the others (the reducer may leave its sender out,
         and the check is then made without it)."""
-        while self._early[0] is not None and c >= self._ahead + WINDOW and not self._copy_missing():
+        while self._early[0] is not None and c >= self._ahead + self.window and not self._copy_missing():
             self._changed.clear()
             await self._changed.wait()
 
     def _copy_missing(self) -> bool:
         a = self._ahead
         replied = self._replied.keys() | self._compared
-        if not any(r >= a + WINDOW for r in replied):
+        if not any(r >= a + self.window for r in replied):
             return False
         return any(len(self.payloads.get(m.peer_id, ())) <= a for m in self.group.members)
 
@@ -312,11 +322,13 @@ class CheckBuffer:
         lo, hi = self.chunks[c]
         members = [m.peer_id for m in self.group.members]
         parts = [(p, self.weights[p], self.payloads[p][c]) for p in members]
-        ours = combine(codec, mode, tau, parts, hi - lo, self._scratch)
-        try:
-            self._expected[c] = None if ours.refused or ours.average is None else codec.encode(ours.average)
-        except CodecError:  # e.g. an average that overflowed: ``mismatch`` finds it again and says so
-            pass
+        with self.scratch.lock:
+            ours = combine(codec, mode, tau, parts, hi - lo, self.scratch)
+            usable = not ours.refused and ours.average is not None
+            try:
+                self._expected[c] = codec.encode(ours.average) if usable else None
+            except CodecError:  # e.g. an average that overflowed: ``mismatch`` finds it again and says so
+                pass
 
     def mismatch(
         self, codec: Codec, mode: str, tau: float, trailer: SliceTrailer, replies: list[bytes]
@@ -336,8 +348,9 @@ class CheckBuffer:
                 encoded = self._expected[c]
             else:
                 parts = [(p, self.weights[p], self.payloads[p][c]) for p in used]
-                ours = combine(codec, mode, tau, parts, hi - lo)
-                encoded = None if ours.refused or ours.average is None else codec.encode(ours.average)
+                with self.scratch.lock:
+                    ours = combine(codec, mode, tau, parts, hi - lo, self.scratch)
+                    encoded = None if ours.refused or ours.average is None else codec.encode(ours.average)
             if encoded is None:
                 return None  # the reducer should have left that part out: not our finding to make
             if encoded == replies[c]:
