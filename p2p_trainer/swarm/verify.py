@@ -195,7 +195,7 @@ class CheckBuffer:
     the round instead of following it. Once the reducer's own chunk (``reply``) equals that
     recompute, the chunk is checked and its copies are dropped; and a copy is read at most
     ``window`` chunks ahead of the first chunk not compared yet (``may_read``; as many as a reducer
-    reads ahead, ``partition.read_ahead``: 4 chunks of int8, 2 of fp32), the rest waiting at its
+    reads ahead, ``partition.read_ahead``: 4 chunks of 1 MiB, 2 of 4 MiB), the rest waiting at its
     sender. So a verifier holds the chunks in flight, not every member's whole part (for fp32
     that was the whole vector once more).
     ``mismatch`` recomputes the chunks left from the parts the reducer says it used. The early
