@@ -1,6 +1,6 @@
 """Real CLI peers with one hostile member (the test entry point, ``--attack``): 3 honest trainers and
-one that attacks every round with another attack (huge values, a sign flip x10, a weight claim x1e6,
-NaN, its part of 5 rounds ago). Every round still completes with the honest peers bit-identical and
+one that attacks every round with another attack (huge values, a sign flip x10, NaN, a weight
+claim x1e6, its part of 5 rounds ago). Every round still completes with the honest peers bit-identical and
 finite; the attacker is clipped, left out, or (a claim beyond max_weight) refused at the door; and
 the held-out loss falls."""
 
@@ -13,7 +13,10 @@ from tests.e2e import start, train_args, wait_for_line
 from tests.volunteers import plan_first_peer, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(300)
-ATTACKS = ["huge", "sign_flip_x10", "weight_x1e6", "nan", "stale_5_rounds"]
+# NaN before the weight claim: a claim refused at the door leaves the attacker retrying that round
+# until the swarm moves on, then catching up by a download, and a round right after it can pass
+# without the attacker (seen when the third honest peer took 22 s to start on a loaded machine)
+ATTACKS = ["huge", "sign_flip_x10", "nan", "weight_x1e6", "stale_5_rounds"]
 STEPS = 6
 TINY = [
     "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4",
