@@ -144,11 +144,12 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                 bound = 2 * (n - 1) / n * numel * per_value * 8 / (rate * 1e6)
                 row["wire_bound_s"] = round(bound, 3)
                 row["x_bound"] = round(row["round_s"] / bound, 2)
-                if engine == "ours":  # without our matchmaking (stock hivemind's figure leaves its own out)
+                if engine == "ours":
+                    # without our matchmaking (stock hivemind's figure leaves its own out)
                     alone = statistics.median(max(a["allreduce_s"] for a in rnd) for rnd in answers)
                     row["allreduce_only_s"] = round(alone, 3)
                     row["x_bound_allreduce_only"] = round(alone / bound, 2)
-                if engine == "ours":  # the bound for the bytes actually sent (headers, codebooks)
+                    # the bound for the bytes actually sent (headers, codebooks)
                     # max over peers: a reducer's reply still in flight when its own round returns
                     # is missing from that peer's count
                     sent = max(a["bytes_sent"] for a in answers[-1])

@@ -1,8 +1,8 @@
 """Real CLI peers with one hostile member (the test entry point, ``--attack``): 3 honest trainers and
 one that attacks every round with another attack (huge values, a sign flip x10, NaN, a weight
-claim x1e6, its part of 5 rounds ago). Every round still completes with the honest peers bit-identical and
-finite; the attacker is clipped, left out, or (a claim beyond max_weight) refused at the door; and
-the held-out loss falls."""
+claim x1e6, its part of 5 rounds ago). Every round still completes with the honest peers
+bit-identical and finite; the attacker is clipped, left out, or (a claim beyond max_weight) refused
+at the door; and the held-out loss falls."""
 
 import math
 

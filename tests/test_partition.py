@@ -322,7 +322,6 @@ def test_a_verifier_recomputes_its_chunks_one_at_a_time_into_the_same_bytes():
         assert buffer._expected[c] == CODEC.encode(combine(CODEC, "mean", 2.0, payloads, hi - lo).average)
 
 
-
 def test_a_peer_reduces_its_slice_and_re_checks_another_in_one_buffer_taking_turns():
     """The slice a peer reduces and the slice it re-checks in the same round combine their chunks in
     the round's one scratch buffer, one chunk at a time: with a buffer each (``clip`` holds members
@@ -363,6 +362,7 @@ def test_a_peer_reduces_its_slice_and_re_checks_another_in_one_buffer_taking_tur
     for (slice_lo, slice_hi), got in ((state.bounds[0], replies), (state.bounds[2], check._expected)):
         for c, (a, b) in enumerate(chunk_bounds(slice_hi - slice_lo, 100)):
             assert got[c] == average(slice_lo + a, slice_lo + b)
+
 
 def _checked_slice(replied: dict[int, bytes]):
     """A verifier's buffer of slice 0 (A, B, C; 10 chunks) with every copy in and recomputed early,

@@ -322,13 +322,19 @@ class CheckBuffer:
         lo, hi = self.chunks[c]
         members = [m.peer_id for m in self.group.members]
         parts = [(p, self.weights[p], self.payloads[p][c]) for p in members]
+        try:
+            self._expected[c] = self._recompute(codec, mode, tau, parts, hi - lo)
+        except CodecError:  # e.g. an average that overflowed: ``mismatch`` finds it again and says so
+            pass
+
+    def _recompute(
+        self, codec: Codec, mode: str, tau: float, parts: list[tuple[str, float, bytes | bytearray]], n: int
+    ) -> bytes | None:
+        """(an executor thread) The encoded average of ``parts``, combined in the round's scratch
+        buffer; None when a part is refused or none is left."""
         with self.scratch.lock:
-            ours = combine(codec, mode, tau, parts, hi - lo, self.scratch)
-            usable = not ours.refused and ours.average is not None
-            try:
-                self._expected[c] = codec.encode(ours.average) if usable else None
-            except CodecError:  # e.g. an average that overflowed: ``mismatch`` finds it again and says so
-                pass
+            ours = combine(codec, mode, tau, parts, n, self.scratch)
+            return None if ours.refused or ours.average is None else codec.encode(ours.average)
 
     def mismatch(
         self, codec: Codec, mode: str, tau: float, trailer: SliceTrailer, replies: list[bytes]
@@ -348,9 +354,7 @@ class CheckBuffer:
                 encoded = self._expected[c]
             else:
                 parts = [(p, self.weights[p], self.payloads[p][c]) for p in used]
-                with self.scratch.lock:
-                    ours = combine(codec, mode, tau, parts, hi - lo, self.scratch)
-                    encoded = None if ours.refused or ours.average is None else codec.encode(ours.average)
+                encoded = self._recompute(codec, mode, tau, parts, hi - lo)
             if encoded is None:
                 return None  # the reducer should have left that part out: not our finding to make
             if encoded == replies[c]:
