@@ -254,7 +254,7 @@ DEFAULT_GRID = [(100, 10, "int8", "none"), (10, 10, "int8", "none"), (10, 10, "f
                 (2, 10, "sparse", "eager")]
 
 
-def run(numels: tuple[int, ...] = (4_000_000, 16_000_000), rates: tuple = (None, 100), rounds: int = 5,
+def run(numels: tuple[int, ...] = (4_000_000, 16_000_000), rates: tuple = (None, 100), rounds: int = 9,
         peers: int = 2, grid: list | None = None, skip_utilization: bool = False) -> list[dict]:
     why = check_root()
     if why:
@@ -281,7 +281,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, nargs="+", default=[4_000_000, 16_000_000])
     ap.add_argument("--rates", type=float, nargs="+", default=[0, 100], help="Mbit/s; 0 = unlimited")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--skip-utilization", action="store_true")
     a = ap.parse_args()
     for row in run(tuple(a.numel), tuple(r or None for r in a.rates), a.rounds,

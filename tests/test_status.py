@@ -479,6 +479,33 @@ def test_progress_records_carry_how_the_last_round_ended():
     assert ProgressRecord.from_wire(stored[-2]).last_round_loss == 2.5
 
 
+
+@pytest.mark.timeout(10)
+def test_the_board_knows_at_which_step_the_dht_holds_our_record():
+    """A round skips waiting for its final record only where a leader would already admit us."""
+    answers = []
+
+    async def scenario():
+        board = ProgressBoard(None, "r", RSASignatureValidator(), "me", 30.0)
+
+        async def store(key, value):
+            return answers.pop(0)
+
+        board._store = store  # no DHT: each store is taken or refused as the test says
+        seen = [board.stored_at(0)]
+        answers.append(True)
+        await board.publish_now(_record("me", 3, 100, 10.0, 2.0))
+        seen += [board.stored_at(3), board.stored_at(4)]
+        answers.append(False)  # refused: the DHT still holds step 3
+        await board.publish_now(_record("me", 4, 100, 10.0, 2.0))
+        seen += [board.stored_at(3), board.stored_at(4)]
+        answers.append(True)
+        await board.withdraw()  # gone from the swarm: no step is held any more
+        seen += [board.stored_at(3)]
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False, True, False, False]
+
 # ---- the page's history, from records (no swarm) ----
 def _at(peer, step, loss, *, last_loss=None):
     return _record(peer, step, 100, 10.0, loss, last_tokens=100 if last_loss is not None else 0,

@@ -83,6 +83,7 @@ class Exchange:
         answer: SliceAnswer,
         takeover: bool,
     ) -> None:
+        payloads.prefetch()
         _, reader, writer = await self._p2p.call_binary_stream_handler(
             PeerID.from_base58(reducer), self.service.part_handler
         )

@@ -45,6 +45,7 @@ _GRACE_S = 2.0  # a member waits this much longer than the leader, so the leader
 _MAX_REDIRECTS = 8
 _SKIP_ROUNDS = 10  # rounds a leader that stalled or was unreachable is skipped
 _MAX_LOBBIES = 4
+_FRESH_S = 0.05  # a read of the records started this recently counts as a fresh one
 
 
 class Matchmaker:
@@ -325,7 +326,10 @@ class Matchmaker:
         return lobby
 
     async def _run_lobby(self, lobby: Lobby) -> None:
-        step, max_age = lobby.step, 0.0  # the first look at the records must be newer than the lobby
+        step = lobby.step
+        # the first look at the records is about as new as the lobby: a read started just before it
+        # opened (ours, when we joined our own lobby) will do
+        max_age = time.monotonic() - lobby.opened + _FRESH_S
         try:
             while True:
                 records = await self._board.read(max_age=max_age)

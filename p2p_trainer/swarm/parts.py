@@ -94,6 +94,10 @@ class Payloads:
             self._encoded[c] = asyncio.get_running_loop().run_in_executor(None, encode)
         return self._encoded[c]
 
+    def prefetch(self) -> None:
+        """Start encoding the first chunk now (while the stream it goes out on opens)."""
+        self._encode(0)
+
     async def __aiter__(self) -> AsyncIterator[tuple[int, bytes]]:
         for c in range(len(self.bounds)):
             payload = await self._encode(c)

@@ -116,6 +116,7 @@ class ProgressBoard:
         self._mine: ProgressRecord | None = None
         self._fingerprint: str | None = None
         self._last_store = -math.inf
+        self._stored: ProgressRecord | None = None  # the last record of ours a DHT peer took
         self._publisher: asyncio.Task | None = None
         self._store_lock = asyncio.Lock()
         self._dirty = False
@@ -131,6 +132,11 @@ class ProgressBoard:
     @property
     def mine(self) -> ProgressRecord | None:
         return self._mine
+
+    def stored_at(self, outer_step: int) -> bool:
+        """Whether the DHT already holds a record of ours at ``outer_step`` (a leader admits us on it)."""
+        held = self._stored
+        return held is not None and held.outer_step == outer_step and held.client_mode == self.client_mode
 
     def record(
         self,
@@ -196,7 +202,9 @@ class ProgressBoard:
             self._last_store = time.monotonic()
             try:
                 stored = await self._store(self._progress_key, record.to_wire())
-                if not stored:  # also seen when a replica already holds a newer copy: not an error by itself
+                if stored:
+                    self._stored = record
+                else:  # also seen when a replica already holds a newer copy: not an error by itself
                     logger.debug(f"a DHT peer refused our progress record for outer step {record.outer_step}")
             except Exception as e:
                 logger.warning(f"could not publish progress: {e!r}")
@@ -217,6 +225,7 @@ class ProgressBoard:
 
     async def withdraw(self) -> None:
         """Tell the others we left (a None entry), so nobody waits for us in matchmaking."""
+        self._stored = None
         await self._store(self._progress_key, None)
 
     # ---- reading ----
