@@ -198,7 +198,8 @@ def job_diloco(spec: dict) -> dict:
     ``eager_lookahead`` (the share of the outer step an ``eager`` phase starts with; the trainer's
     ``EAGER_LOOKAHEAD`` by default), ``return_k`` (the average goes back with another k),
     ``full_return`` (each worker's residual takes its sent part minus the applied average
-    everywhere, not only where the average is zero)
+    everywhere, not only where the average is zero), ``ef_decay`` (the share of the residual that
+    joins the next part, the trainer's ``outer.ef_decay``)
     and ``top_k_bound``; with ``shared_k`` too, a bound for shared positions: each worker sends the
     exact values at the ``shared_k`` largest positions of each chunk of the previous round's average
     and its own top ``top_k_bound`` of the rest (the first round: its own top ``first_k``)."""
@@ -251,7 +252,8 @@ def job_diloco(spec: dict) -> dict:
                 delta[i] = start[i] - loop.export_params()
             else:
                 delta[i] = diloco.pseudo_gradient(loop.export_params())
-            part = delta[i] + residual[i] if ef and residual[i] is not None else delta[i]
+            decay = spec.get("ef_decay", 1.0)  # what waits in the residual, scaled each round
+            part = delta[i] + decay * residual[i] if ef and residual[i] is not None else delta[i]
             if ef:  # what the codec does not send of our part carries into the next round
                 if spec.get("shared_k"):  # (the first round has no shared positions yet)
                     own = bound_k if shared is not None else spec["first_k"]

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench.bench_convergence import Job, schedule
 from p2p_trainer.codec.sparse_format import DEFAULT_K, DEFAULT_VALUE_BITS
-from p2p_trainer.config import SPARSE_OUTER  # chosen here (bench/notes/paired.md)
+from p2p_trainer.config import SPARSE_EF_DECAY, SPARSE_OUTER  # chosen here (bench/notes/paired.md)
 
 # each H's best outer (lr, momentum) in bench_convergence's fp32 sweep (docs/benchmarks.md, convergence)
 BEST_OUTER = {10: (0.5, 0.5), 50: (1.0, 0.0)}
@@ -90,11 +90,14 @@ def _jobs(base: dict, hs: tuple[int, ...], variants: tuple[str, ...], outer: dic
             slr, smom = sparse_outer if name == "sparse" else (lr, mom)
             spec = {**base, "kind": "diloco", "H": h, "outer_lr": slr, "momentum": smom, "codec": "int8"}
             spec.update(fields)
+            if name == "sparse":
+                spec["ef_decay"] = SPARSE_EF_DECAY
             jobs.append((f"H{h}-{name}", lambda r, spec=spec: [spec], ("warm",)))
-        sparse = dict(base, kind="diloco", H=h, outer_lr=sparse_outer[0], momentum=sparse_outer[1])
+        sparse = dict(base, kind="diloco", H=h, outer_lr=sparse_outer[0], momentum=sparse_outer[1],
+                      ef_decay=SPARSE_EF_DECAY)  # fmt: skip
         if "sparse-bound" in variants:
             spec = dict(sparse, codec="fp32", error_feedback=True, top_k_bound=BOUND_K,
-                        outer_lr=BOUND_OUTER[0], momentum=BOUND_OUTER[1])  # fmt: skip
+                        outer_lr=BOUND_OUTER[0], momentum=BOUND_OUTER[1], ef_decay=1.0)  # fmt: skip
             jobs.append((f"H{h}-sparse-bound", lambda r, spec=spec: [spec], ("warm",)))
         for name, fields in _SPARSE_ALTERNATIVES.items():
             if name in variants:

@@ -138,13 +138,14 @@ class InnerConfig:
 
 # (outer lr, momentum) the sparse codec did best with in the paired benchmark, on the mean over three
 # data orders: error feedback alone, no outer momentum, and an lr that makes up for what waits in the
-# residuals (bench/notes/paired.md)
-SPARSE_OUTER = (3.0, 0.0)
+# residuals; with SPARSE_EF_DECAY of each residual carried into the next part (bench/notes/paired.md)
+SPARSE_OUTER = (4.0, 0.0)
+SPARSE_EF_DECAY = 0.7
 
 
 @dataclass
 class OuterConfig:
-    lr: float = _f(0.7, "outer SGD learning rate (the sparse codec did best with 4.0 and momentum 0)")
+    lr: float = _f(0.7, "outer SGD learning rate (the sparse codec: 4.0 with momentum 0 and ef_decay 0.7)")
     momentum: float = _f(0.9, "outer momentum")
     nesterov: bool = _f(True, "Nesterov momentum for the outer step")
     overlap: str = _f(
@@ -158,6 +159,11 @@ class OuterConfig:
         "add what the codec did not send of our pseudo-gradient to the next round's: 'on', 'off', or "
         "'auto' (on for the sparse codec only)",
     )
+    ef_decay: float = _f(
+        1.0,
+        "error feedback: the share of what waits unsent that joins the next round's part, in (0, 1] "
+        "(SparseLoCo's beta; the sparse codec did best with 0.7)",
+    )
 
     def validate(self) -> None:
         _positive("outer.lr", self.lr)
@@ -165,6 +171,8 @@ class OuterConfig:
             raise ConfigError(f"outer.overlap={self.overlap!r} must be 'none', 'delayed' or 'eager'")
         if self.error_feedback not in ("auto", "on", "off"):
             raise ConfigError(f"outer.error_feedback={self.error_feedback!r} must be 'auto', 'on' or 'off'")
+        if not 0 < self.ef_decay <= 1:
+            raise ConfigError(f"outer.ef_decay={self.ef_decay} must be in (0, 1]")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"outer.momentum={self.momentum} must be in [0, 1)")
 

@@ -46,6 +46,7 @@ class OuterState:
         self, ranks: LocalRanks, inner: InnerLoop, cfg: OuterConfig, *, error_feedback: bool
     ) -> None:
         self.ranks, self.inner, self.error_feedback = ranks, inner, error_feedback
+        self.ef_decay = cfg.ef_decay  # the share of the residual that joins the next part
         params = list(inner.model.parameters())
         self.layout = Layout.of(params, ranks.world)
         self.numel = self.layout.numel
@@ -105,7 +106,7 @@ class OuterState:
         if self.part is not None:
             return self.part[a:b].clone()
         part = self.diloco.master[a:b] - read_views(self.layout, self.ranks.rank, self._model_views(), a, b)
-        return part + self.residual[a:b] if self.residual is not None else part
+        return part.add_(self.residual[a:b], alpha=self.ef_decay) if self.residual is not None else part
 
     def _residual(self, a: int, b: int) -> torch.Tensor:
         return self.residual[a:b].clone() if self.residual is not None else torch.zeros(b - a)
@@ -166,7 +167,7 @@ class OuterState:
             delta.sub_(self.delta, alpha=self.carried)
         self.delta, self.carried = delta, 0.0
         if self.error_feedback and self.residual is not None:
-            self.part, self.residual = self.delta + self.residual, None
+            self.part, self.residual = self.delta + self.ef_decay * self.residual, None
         else:
             self.part = self.delta
 

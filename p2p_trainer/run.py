@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from p2p_trainer import checkpoint
 from p2p_trainer.catch_up import CatchUp
-from p2p_trainer.config import SPARSE_OUTER, Config, ConfigError
+from p2p_trainer.config import SPARSE_EF_DECAY, SPARSE_OUTER, Config, ConfigError
 from p2p_trainer.contracts import run_fingerprint
 from p2p_trainer.data import TokenStream, build_tokenizer, eval_batches, tokenizer_sha256
 from p2p_trainer.guard import FiniteGuard, Outcome
@@ -163,10 +163,12 @@ class Trainer:
         error_feedback = cfg.outer.error_feedback == "on" or (
             cfg.outer.error_feedback == "auto" and cfg.swarm.codec == "sparse"
         )
-        if cfg.swarm.codec == "sparse" and (cfg.outer.lr, cfg.outer.momentum) != SPARSE_OUTER:
+        chosen = (*SPARSE_OUTER, SPARSE_EF_DECAY)
+        if cfg.swarm.codec == "sparse" and (cfg.outer.lr, cfg.outer.momentum, cfg.outer.ef_decay) != chosen:
             logger.info(
-                "sparse codec with outer lr %g, momentum %g: it did best with --outer.lr %g "
-                "--outer.momentum %g (bench/notes/paired.md)", cfg.outer.lr, cfg.outer.momentum, *SPARSE_OUTER
+                "sparse codec with outer lr %g, momentum %g, ef_decay %g: it did best with --outer.lr %g "
+                "--outer.momentum %g --outer.ef_decay %g (bench/notes/paired.md)",
+                cfg.outer.lr, cfg.outer.momentum, cfg.outer.ef_decay, *chosen,
             )  # fmt: skip
         self.outer = OuterSync(ranks, self.inner, self.swarm, cfg.outer, error_feedback=error_feedback)
         self.catch_up = CatchUp(

@@ -75,6 +75,8 @@ def test_overrides_are_typed(tmp_path):
         ({"swarm.codec": "int4"}, "int4"),
         ({"inner.decay_shape": "cosine"}, "cosine"),
         ({"data.batch_size": "10", "data.micro_batch_size": "4"}, "batch_size=10"),
+        ({"outer.ef_decay": "0"}, "outer.ef_decay=0"),
+        ({"outer.ef_decay": "1.5"}, "outer.ef_decay=1.5"),
     ],
 )
 def test_bad_values_name_themselves(overrides, needle):

@@ -30,11 +30,12 @@ def peers():
         peer.shutdown()
 
 
-def _outer(peer, overlap: str, error_feedback: bool = False) -> OuterSync:
+def _outer(peer, overlap: str, error_feedback: bool = False, ef_decay: float = 1.0) -> OuterSync:
     inner = InnerLoop(
         build_model(MODEL, 50, seed=0), InnerConfig(total_steps=100, warmup_steps=0, decay_steps=0), 4
     )
-    return OuterSync(CPU, inner, peer, OuterConfig(overlap=overlap), error_feedback=error_feedback)
+    cfg = OuterConfig(overlap=overlap, ef_decay=ef_decay)
+    return OuterSync(CPU, inner, peer, cfg, error_feedback=error_feedback)
 
 
 def _boundary(peers, outers, step, seed, *, last=False):
@@ -127,5 +128,31 @@ def test_error_feedback_takes_back_what_the_average_dropped(overlap):
         expected = part - sent + back if overlap == "none" else back
         assert torch.allclose(state.residual, expected, atol=1e-6)
         assert state.returning is None  # until the next applied round
+    finally:
+        state.close()
+
+
+@pytest.mark.parametrize("overlap", ["none", "delayed"])
+def test_error_feedback_decay_carries_its_share_of_the_residual_into_the_next_part(overlap):
+    """``outer.ef_decay``: the next round's part is the pseudo-gradient plus that share of what waited."""
+    state = _outer(None, overlap, error_feedback=True, ef_decay=0.5).state
+    pump, n = state.pump, state.numel
+    gen = torch.Generator().manual_seed(4)
+    try:
+        with torch.no_grad():
+            for p in state.inner.model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        model = torch.cat([p.detach().flatten() for p in state.inner.model.parameters()])
+        delta = state.diloco.master - model
+        waiting = torch.randn(n, generator=gen)
+        pump.write("residual", 0, n, waiting)
+        if overlap == "none":  # a blocking round reads its part as it sends it
+            part = pump.read("part", 0, n)
+        else:  # an overlapped round takes its part at the boundary, the residual with it
+            pump.call("snapshot")
+            part = state.part
+            assert state.residual is None
+        assert torch.allclose(part, delta + 0.5 * waiting, atol=1e-6)
+        assert not torch.allclose(part, delta + waiting, atol=1e-3)
     finally:
         state.close()
