@@ -232,6 +232,7 @@ def job_diloco(spec: dict) -> dict:
         back = get_codec("sparse", sparse=returned)
     ef = spec.get("error_feedback", spec["codec"] == "sparse")
     ef_return = spec.get("ef_return", ef)
+    decay = spec.get("ef_decay", 1.0)  # the share of a residual that joins the next part
     bound_k = spec.get("top_k_bound")  # instead of the codec: the best any top-k code could send
     assert not bound_k or ef, "the top-k bound keeps what it does not send (error feedback)"
     weights = [float(h * 16 * 128)] * K
@@ -252,7 +253,6 @@ def job_diloco(spec: dict) -> dict:
                 delta[i] = start[i] - loop.export_params()
             else:
                 delta[i] = diloco.pseudo_gradient(loop.export_params())
-            decay = spec.get("ef_decay", 1.0)  # what waits in the residual, scaled each round
             part = delta[i] + decay * residual[i] if ef and residual[i] is not None else delta[i]
             if ef:  # what the codec does not send of our part carries into the next round
                 if spec.get("shared_k"):  # (the first round has no shared positions yet)

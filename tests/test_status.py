@@ -479,7 +479,6 @@ def test_progress_records_carry_how_the_last_round_ended():
     assert ProgressRecord.from_wire(stored[-2]).last_round_loss == 2.5
 
 
-
 @pytest.mark.timeout(10)
 def test_the_board_knows_at_which_step_the_dht_holds_our_record():
     """A round skips waiting for its final record only where a leader would already admit us."""
@@ -505,6 +504,7 @@ def test_the_board_knows_at_which_step_the_dht_holds_our_record():
         return seen
 
     assert asyncio.run(scenario()) == [False, True, False, True, False, False]
+
 
 # ---- the page's history, from records (no swarm) ----
 def _at(peer, step, loss, *, last_loss=None):

@@ -312,15 +312,17 @@ class SwarmPeer(Observer):
         return PendingRound(self, outer_step, future, wait_s=time.monotonic() - started)
 
     async def _publish_and_match(self, final: ProgressRecord, step: int, weight: float, numel: int) -> Group:
-        if not self._board.stored_at(step):  # a leader admits us only on a stored record at this step
+        # a leader admits us only on a stored record at this step; when the DHT holds one already
+        # (published while training), the final one (our exact tokens) follows the group instead of
+        # competing with matchmaking's reads for the DHT
+        stored = self._board.stored_at(step)
+        if not stored:
             await self._board.publish_now(final)
-            return await self._matchmaker.form_group(step, weight, numel)
-        # the DHT holds one already (published while training): the final one (our exact tokens) can
-        # follow the group, and not compete with matchmaking's reads for the DHT
         try:
             return await self._matchmaker.form_group(step, weight, numel)
         finally:
-            self._board.publish_soon(final)
+            if stored:
+                self._board.publish_soon(final)
 
     # ---- leaving ----
     async def _leave(self) -> None:

@@ -135,8 +135,7 @@ class ProgressBoard:
 
     def stored_at(self, outer_step: int) -> bool:
         """Whether the DHT already holds a record of ours at ``outer_step`` (a leader admits us on it)."""
-        held = self._stored
-        return held is not None and held.outer_step == outer_step and held.client_mode == self.client_mode
+        return self._stored is not None and self._stored.outer_step == outer_step
 
     def record(
         self,
