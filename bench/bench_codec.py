@@ -8,8 +8,12 @@ counted once, whatever the operation moves. The yardstick is a plain copy of the
 copied per second, each read once and written once, so the bus carries at least twice that.
 
 Rows, all on the same ``size_mb`` MiB of Gaussian fp32 values and timed in turn within each repeat,
-so load from other processes hits every row alike (``ratio_to_memcpy`` is the row's median over the
-``Tensor.copy_`` median):
+so load from other processes hits every row alike, in a new (seeded) order each repeat, so no row
+always runs right after the same other one (``ratio_to_memcpy`` is the row's median over the
+``Tensor.copy_`` median). The rows run in a process of their own with ``OMP_WAIT_POLICY=PASSIVE``:
+by default torch's OpenMP workers keep spinning for milliseconds after each parallel op (the copy,
+``add_``, ``sum``), and took one of the two cores from whichever kernel row came next (see
+bench/notes/codec.md); libgomp reads the policy once, when torch loads.
 
 - encode: ``Int8Codec.encode`` (allocates the payload) and the kernel into a preallocated payload;
 - decode-accumulate: ``out += w * decode(payload)`` in place;
@@ -30,9 +34,13 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,6 +123,8 @@ def _row(name: str, times: list[float], n: int, traffic: int | None, threads: in
 
 def run(size_mb: int = 64, repeats: int = 15, threads: int = 2, anchors: bool = True) -> list[dict]:
     """Time every row on the same ``size_mb`` MiB of fp32 values; one dict per row."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        return _run_in_child(size_mb, repeats, threads, anchors)
     n = size_mb * (1 << 20) // 4
     n -= n % fmt.DEFAULT_CHUNK_SIZE  # the naive anchor handles whole chunks only
     load_before = os.getloadavg()
@@ -122,8 +132,10 @@ def run(size_mb: int = 64, repeats: int = 15, threads: int = 2, anchors: bool = 
     times: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     for _, fn, _ in cases:
         fn()  # warm-up: kernel build/load, page faults, allocator
-    for _ in range(repeats):
-        for name, fn, _ in cases:  # interleaved: a burst of load from elsewhere hits every row
+    for repeat in range(repeats):
+        # interleaved, so a burst of load from elsewhere hits every row; shuffled, so what a row
+        # leaves behind (spinning OpenMP workers, dirty cache lines) falls on every row alike
+        for name, fn, _ in random.Random(repeat).sample(cases, len(cases)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -151,6 +163,19 @@ def run(size_mb: int = 64, repeats: int = 15, threads: int = 2, anchors: bool = 
     return rows
 
 
+def _run_in_child(size_mb: int, repeats: int, threads: int, anchors: bool) -> list[dict]:
+    """``run`` in a fresh process whose torch loads with idle OpenMP workers that sleep, not spin."""
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "bench.bench_codec", "--json", "--size-mb", str(size_mb),
+            "--repeats", str(repeats), "--threads", str(threads)] + ([] if anchors else ["--no-anchors"])
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench_codec child exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| case | GB/s of fp32 (median) | best repeat | x memcpy | bytes/value moved | median ms |",
@@ -170,8 +195,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-anchors", action="store_true", help="skip the slow torch anchors")
+    parser.add_argument("--json", action="store_true", help="print only the rows, as JSON")
     args = parser.parse_args()
     rows = run(args.size_mb, args.repeats, args.threads, anchors=not args.no_anchors)
+    if args.json:
+        print(json.dumps(rows))
+        return
     r0 = rows[0]
     print(
         f"{r0['size_mb']:.0f} MiB fp32, {args.threads} codec threads, {torch.get_num_threads()} torch "
