@@ -173,7 +173,7 @@ def _run_in_child(size_mb: int, repeats: int, threads: int, anchors: bool) -> li
     done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench_codec child exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout)
+    return json.loads(done.stdout.strip().splitlines()[-1])  # the rows are the last line printed
 
 
 def markdown(rows: list[dict]) -> str:
