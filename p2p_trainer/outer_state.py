@@ -167,7 +167,7 @@ class OuterState:
             delta.sub_(self.delta, alpha=self.carried)
         self.delta, self.carried = delta, 0.0
         if self.error_feedback and self.residual is not None:
-            self.part, self.residual = self.delta + self.ef_decay * self.residual, None
+            self.part, self.residual = torch.add(self.delta, self.residual, alpha=self.ef_decay), None
         else:
             self.part = self.delta
 
