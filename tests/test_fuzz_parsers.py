@@ -45,7 +45,7 @@ VALID = {
         "inner": False,
         "blob_sha256": "b" * 64,
     },
-    messages.SliceTrailer: {"total_weight": 1.0, "included": 2, "sha256": "c" * 64, "signature": "abc="},
+    messages.SliceTrailer: {"total_weight": 1.0, "included": 2, "digest": "c" * 64, "signature": "abc="},
 }
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

@@ -2,10 +2,10 @@
 (validation, fixed summation order, deadline), and the takeover rules of a round."""
 
 import asyncio
-import hashlib
 import threading
 import time
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -265,8 +265,8 @@ def test_a_member_keeps_an_fp32_average_once_not_twice(name):
             await held.add(bytes(reply))
         return await held.finish()
 
-    sha256 = asyncio.run(receive())
-    assert sha256 == hashlib.sha256(b"".join(replies)).hexdigest()
+    digest = asyncio.run(receive())
+    assert digest == blake3.blake3(b"".join(replies)).hexdigest()
     assert [bytes(c) for c in answer.chunks] == replies
     shared = [np.shares_memory(np.frombuffer(c, np.uint8), out.numpy()) for c in answer.chunks]
     assert shared == [name == "fp32"] * len(bounds)
@@ -398,7 +398,7 @@ def _trailer(excluded: dict[str, str]):
         included=3 - len(excluded),
         excluded=excluded,
         clipped={},
-        sha256="0" * 64,
+        digest="0" * 64,
         signature="",
     )
 

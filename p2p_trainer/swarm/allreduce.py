@@ -326,12 +326,12 @@ class AllReducer:
             for c in range(replies.held, len(reduction.chunks)):
                 reply = await asyncio.shield(reduction.replies[c])
                 await replies.add(self.service.deliver(self.peer_id, c, reply))
-            sha256 = await replies.finish()
+            digest = await replies.finish()
         finally:
             await replies.settle()
         trailer = await asyncio.shield(reduction.trailer)
-        sha256 = sha256 if replies.hashing else reduction.sha256
-        replies.answer.trailer = self.service.sealed(reduction, trailer, sha256)
+        digest = digest if replies.hashing else reduction.digest
+        replies.answer.trailer = self.service.sealed(reduction, trailer, digest)
 
     async def _take_over(
         self, state: RoundState, index: int, part: OutgoingPart, payloads: Payloads, out: torch.Tensor | None

@@ -51,7 +51,7 @@ class CommitPhase:
                     Seal(
                         slice=index,
                         reducer=answer.server,
-                        sha256=answer.trailer.sha256,
+                        digest=answer.trailer.digest,
                         signature=answer.trailer.signature,
                     )
                 )

@@ -110,10 +110,10 @@ class Exchange:
             if tag != wire.TAG_MESSAGE:
                 raise wire.FrameError("a chunk after the last one")
             trailer = _parse_reply(body, SliceTrailer)
-            sha256 = await replies.finish()
+            digest = await replies.finish()
             index = payloads.part.slice_index
             await self.commit.know(reducer)
-            bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, sha256)
+            bad = self.signer.check_trailer(state.group.group_id, index, reducer, trailer, digest)
             if bad:
                 answer.error = bad
                 raise RoundFailed(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import hashlib
 import logging
 import sys
 import threading
@@ -32,7 +31,7 @@ import torch
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.swarm import aggregation
 from p2p_trainer.swarm.group import Group, check_weight
-from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
+from p2p_trainer.swarm.messages import PartHeader, SliceTrailer, slice_digest
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ class SliceReduction:
         self.group, self.index, (self.lo, self.hi) = group, index, bounds
         self.codec, self.timeout, self.max_weight = codec, timeout, max_weight
         self.aggregation, self.tau = aggregation_mode, tau
-        self.seal = seal  # (group id, slice, sha256 of the averaged chunks) -> our signature
+        self.seal = seal  # (group id, slice, digest of the averaged chunks) -> our signature
         # the slice of a lost reducer: every live member must take part (see ``takeover``)
         self.takeover = takeover
         # ``timeout``: this round's part deadline (see ``deadlines``); ``arrived``: when each member's
@@ -223,7 +222,7 @@ class SliceReduction:
         loop = asyncio.get_running_loop()
         self.replies: list[asyncio.Future[bytes]] = [loop.create_future() for _ in self.chunks]
         self.trailer: asyncio.Future[SliceTrailer] = loop.create_future()
-        self._hash = hashlib.sha256()  # of the replies in order, updated where each is encoded
+        self._hash = slice_digest()  # of the replies in order, updated where each is encoded
         self.scratch = scratch or Scratch()
 
     @property
@@ -354,17 +353,17 @@ class SliceReduction:
         return outcome
 
     def _make_trailer(self) -> SliceTrailer:
-        sha256 = self._hash.hexdigest()
+        digest = self._hash.hexdigest()
         return SliceTrailer(
             total_weight=min(self.totals, default=0.0),
             included=len(self.expected),
             excluded=dict(self.excluded),
             clipped=dict(self.clipped),
-            sha256=sha256,
-            signature=self.seal(self.group.group_id, self.index, sha256) if self.seal else "",
+            digest=digest,
+            signature=self.seal(self.group.group_id, self.index, digest) if self.seal else "",
         )
 
     @property
-    def sha256(self) -> str:
+    def digest(self) -> str:
         """Hash of every averaged chunk's bytes, in order (complete once the trailer is set)."""
         return self._hash.hexdigest()

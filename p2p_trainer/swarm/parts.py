@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
@@ -17,7 +16,7 @@ from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.contracts import TensorVector, VectorSink, VectorSource
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.group import Group
-from p2p_trainer.swarm.messages import PartHeader
+from p2p_trainer.swarm.messages import PartHeader, slice_digest
 from p2p_trainer.swarm.partition import empty_f32
 from p2p_trainer.swarm.takeover import SliceAnswer
 
@@ -124,7 +123,7 @@ class Replies:
             if out is not None
             else empty_f32(max((hi - lo for lo, hi in self.bounds), default=0))
         )
-        self._hash = hashlib.sha256()
+        self._hash = slice_digest()
         for chunk in answer.chunks:
             self._hash.update(chunk)
         self.hashing = True

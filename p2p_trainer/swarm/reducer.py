@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from hivemind.p2p import P2P
 
 from p2p_trainer.swarm import deadlines, wire
-from p2p_trainer.swarm.messages import CommitPost, PartHeader, ReduceRefusal, SliceTrailer, dump
+from p2p_trainer.swarm.messages import CommitPost, PartHeader, ReduceRefusal, SliceTrailer, dump, slice_digest
 from p2p_trainer.swarm.partition import SliceFailed, SliceReduction
 from p2p_trainer.swarm.takeover import RoundState, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer
@@ -211,7 +210,7 @@ class ReducerService:
         receiving = asyncio.ensure_future(self._receive_chunks(reduction, sender, reader, traffic))
         # what we send is the reduction's own bytes, whose hash it keeps, unless we hand out a lost
         # reducer's chunks or a fault hook changes them: only then hash it here
-        sent = hashlib.sha256() if known or self.fault is not None else None
+        sent = slice_digest() if known or self.fault is not None else None
         try:
             for c in range(len(reduction.chunks)):
                 reply = known[c] if c < len(known) else await asyncio.shield(reduction.replies[c])
@@ -221,8 +220,8 @@ class ReducerService:
                 await wire.send_tagged(writer, wire.TAG_CHUNK, reply, traffic)
             trailer = known_trailer or await asyncio.shield(reduction.trailer)
             # a lost reducer's trailer is its seal, not ours: we vouch for what we hand out
-            sha256 = sent.hexdigest() if sent is not None else reduction.sha256
-            trailer = self.sealed(reduction, trailer, sha256, ours=known_trailer is not None)
+            digest = sent.hexdigest() if sent is not None else reduction.digest
+            trailer = self.sealed(reduction, trailer, digest, ours=known_trailer is not None)
             await wire.send_tagged(writer, wire.TAG_MESSAGE, dump(trailer), traffic)
         except SliceFailed as e:
             await self._refuse(writer, str(e), traffic)
@@ -239,14 +238,14 @@ class ReducerService:
         return self.fault(member, chunk, bytes(reply)) if self.fault is not None else reply
 
     def sealed(
-        self, reduction: SliceReduction, trailer: SliceTrailer, sha256: str, *, ours: bool = False
+        self, reduction: SliceReduction, trailer: SliceTrailer, digest: str, *, ours: bool = False
     ) -> SliceTrailer:
         """The trailer for the bytes actually sent (only a fault hook makes them differ from the
         seal), sealed by us (``ours``: even when another reducer sealed the same bytes)."""
-        if trailer.sha256 == sha256 and not ours:
+        if trailer.digest == digest and not ours:
             return trailer
-        signature = self._seal(reduction.group.group_id, reduction.index, sha256)
-        return trailer.model_copy(update={"sha256": sha256, "signature": signature})
+        signature = self._seal(reduction.group.group_id, reduction.index, digest)
+        return trailer.model_copy(update={"digest": digest, "signature": signature})
 
     async def _receive_chunks(
         self, reduction: SliceReduction, sender: str, reader: asyncio.StreamReader, traffic: wire.Traffic

@@ -2,7 +2,7 @@
 re-checks of a reducer's arithmetic (as BTARD does). No networking here: the wire protocol moves
 these messages, this module decides what they prove.
 
-Seals. The reducer of a slice signs (run, group, slice, sha256 of every averaged chunk it sent, in
+Seals. The reducer of a slice signs (run, group, slice, digest of every averaged chunk it sent, in
 order) and puts the signature in its trailer; a member refuses a slice whose bytes do not hash to
 the sealed value. After the data phase every member posts the seals it holds to every full member of
 the group (the witnesses) and reads back every seal they hold. A seal is self-authenticating, so
@@ -72,14 +72,14 @@ class Signer:
     ):
         self.run_id, self._key, self.peer_id, self._key_of = run_id, private_key, peer_id, key_of
 
-    def _seal_bytes(self, group_id: str, index: int, sha256: str) -> bytes:
-        return f"p2p-trainer seal|{self.run_id}|{group_id}|{index}|{sha256}".encode()
+    def _seal_bytes(self, group_id: str, index: int, digest: str) -> bytes:
+        return f"p2p-trainer seal|{self.run_id}|{group_id}|{index}|{digest}".encode()
 
     def _accusation_bytes(self, group_id: str, a: Accusation) -> bytes:
         return f"p2p-trainer accusation|{self.run_id}|{group_id}|{a.slice}|{a.reducer}|{a.verifier}".encode()
 
-    def seal(self, group_id: str, index: int, sha256: str) -> str:
-        return self._key.sign(self._seal_bytes(group_id, index, sha256)).decode()
+    def seal(self, group_id: str, index: int, digest: str) -> str:
+        return self._key.sign(self._seal_bytes(group_id, index, digest)).decode()
 
     def accuse(self, group_id: str, index: int, reducer: str, reason: str) -> Accusation:
         unsigned = Accusation(
@@ -105,20 +105,20 @@ class Signer:
             return False
 
     def valid_seal(self, group_id: str, seal: Seal) -> bool:
-        return self._valid(seal.reducer, self._seal_bytes(group_id, seal.slice, seal.sha256), seal.signature)
+        return self._valid(seal.reducer, self._seal_bytes(group_id, seal.slice, seal.digest), seal.signature)
 
     def valid_accusation(self, group_id: str, accusation: Accusation) -> bool:
         data = self._accusation_bytes(group_id, accusation)
         return self._valid(accusation.verifier, data, accusation.signature)
 
     def check_trailer(
-        self, group_id: str, index: int, reducer: str, trailer: SliceTrailer, sha256: str
+        self, group_id: str, index: int, reducer: str, trailer: SliceTrailer, digest: str
     ) -> str | None:
-        """Why the trailer of slice ``index`` does not vouch for the bytes we got (``sha256``), or None."""
-        if trailer.sha256 != sha256:
-            return f"its averaged chunks hash to {sha256[:12]}, its seal says {trailer.sha256[:12]}"
+        """Why the trailer of slice ``index`` does not vouch for the bytes we got (``digest``), or None."""
+        if trailer.digest != digest:
+            return f"its averaged chunks hash to {digest[:12]}, its seal says {trailer.digest[:12]}"
         if not self.valid_seal(
-            group_id, Seal(slice=index, reducer=reducer, sha256=sha256, signature=trailer.signature)
+            group_id, Seal(slice=index, reducer=reducer, digest=digest, signature=trailer.signature)
         ):
             return "its seal is not its signature"
         return None
@@ -140,7 +140,7 @@ class CommitPool:
         self.posted.add(sender)
         n = len(self.group.reducers)
         for seal in post.seals:
-            key = (seal.slice, seal.reducer, seal.sha256)
+            key = (seal.slice, seal.reducer, seal.digest)
             if seal.slice < n and key not in self.seals and self.signer.valid_seal(self.group.group_id, seal):
                 self.seals[key] = seal
         for accusation in post.accusations:
@@ -169,8 +169,8 @@ def verdict(
     signed: dict[tuple[int, str], set[str]] = {}
     for seal in [*mine, *(s for r in replies for s in r.seals)]:
         if seal in mine or signer.valid_seal(group_id, seal):
-            hashes.setdefault(seal.slice, set()).add(seal.sha256)
-            signed.setdefault((seal.slice, seal.reducer), set()).add(seal.sha256)
+            hashes.setdefault(seal.slice, set()).add(seal.digest)
+            signed.setdefault((seal.slice, seal.reducer), set()).add(seal.digest)
     liars = {reducer for (_, reducer), found in signed.items() if len(found) > 1}
     accusations = [a for r in replies for a in r.accusations if signer.valid_accusation(group_id, a)]
     if liars:
