@@ -231,6 +231,8 @@ class AllReducer:
             await self.commit.run(state, failure)
         finally:
             state.fail_unanswered()
+            if state.reduction is not None:
+                state.reduction.release()
             self.service.retire(group.group_id)
         excluded: dict[str, str] = {}
         clipped: dict[str, float] = {}
@@ -312,26 +314,48 @@ class AllReducer:
     async def _reduce_here(self, reduction: SliceReduction, payloads: Payloads, replies: Replies) -> None:
         """Our own part of a slice we reduce, without the network; its averaged chunks from
         ``replies.held`` on (a takeover may already hold the lost reducer's first ones)."""
+        reduction.add_reader()  # first: we read the averages even when our own part is left out
         bad = reduction.check(self.peer_id, payloads.header(reduction.group, reduction.index))
+        feeding: asyncio.Future[None] | None = None
         if bad is None:
             reduction.start(self.peer_id)
-            async for c, payload in payloads:
-                reduction.submit(self.peer_id, c, payload)
+            # our part goes in while we read the averages, as a remote member's does
+            feeding = asyncio.ensure_future(self._feed(reduction, payloads))
         else:
             reduction.exclude(self.peer_id, bad)
         # the reduction hashed its bytes as it encoded them: hash them again only when we hold a lost
         # reducer's first chunks or a fault hook may change what we are handed
         replies.hashing = replies.held > 0 or self.service.fault is not None
+        if not replies.hashing:  # we decode the reduction's own bytes
+            replies.on_share = reduction.share
+        read = replies.held  # the first chunk whose reply we have not passed on
         try:
             for c in range(replies.held, len(reduction.chunks)):
-                reply = await asyncio.shield(reduction.replies[c])
+                reply = await reduction.reply(c)
                 await replies.add(self.service.deliver(self.peer_id, c, reply))
+                reduction.passed(c, c + 1)
+                read = c + 1
             digest = await replies.finish()
+            if feeding is not None:
+                await feeding  # its error, if it had one (the slice went on without our part)
         finally:
+            reduction.passed(read)
+            if feeding is not None and not feeding.done():
+                feeding.cancel()
             await replies.settle()
         trailer = await asyncio.shield(reduction.trailer)
         digest = digest if replies.hashing else reduction.digest
         replies.answer.trailer = self.service.sealed(reduction, trailer, digest)
+
+    async def _feed(self, reduction: SliceReduction, payloads: Payloads) -> None:
+        """Our own part into the slice we reduce, read no further ahead than the members' parts."""
+        try:
+            async for c, payload in payloads:
+                await reduction.may_read(c)
+                reduction.submit(self.peer_id, c, payload)
+        except CodecError as e:
+            reduction.exclude(self.peer_id, f"its own vector cannot be encoded: {e}")
+            raise
 
     async def _take_over(
         self, state: RoundState, index: int, part: OutgoingPart, payloads: Payloads, out: torch.Tensor | None

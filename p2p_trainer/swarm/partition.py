@@ -221,6 +221,9 @@ class SliceReduction:
         self._changed = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.replies: list[asyncio.Future[bytes]] = [loop.create_future() for _ in self.chunks]
+        # who reads the averaged chunks (``add_reader``) and, per chunk, how many of them are done
+        # with its reply: a reply every one of them has passed is dropped (see ``passed``)
+        self._readers, self._passed = 0, [0] * len(self.chunks)
         self.trailer: asyncio.Future[SliceTrailer] = loop.create_future()
         self._hash = slice_digest()  # of the replies in order, updated where each is encoded
         self.scratch = scratch or Scratch()
@@ -246,6 +249,58 @@ class SliceReduction:
 
     def start(self, sender: str) -> None:
         self.streaming.add(sender)
+
+    # ---- its readers: who is sent the averaged chunks ----
+    def add_reader(self) -> None:
+        """Someone will read every averaged chunk in order (``reply``), and say when it is ``passed``."""
+        self._readers += 1
+
+    async def reply(self, c: int) -> bytes:
+        """The averaged chunk ``c`` (SliceFailed when the slice failed), as bytes of its own (a
+        stream's write buffer may still hold them after the round)."""
+        reply = await asyncio.shield(self.replies[c])
+        return bytes(reply) if isinstance(reply, memoryview) else reply
+
+    def share(self, c: int, view: memoryview) -> None:
+        """Our own output holds the averaged chunk ``c`` as decoded (a lossless codec: the same
+        bytes, see ``Replies``): the reply becomes a view of it, and members slower than the
+        reduction no longer make us keep a slice's worth of replies (``release`` copies what they
+        still need before the round hands the output back)."""
+        future = self.replies[c]
+        if self.takeover or not future.done() or future.exception() is not None:
+            return
+        self.replies[c] = shared = asyncio.get_running_loop().create_future()
+        shared.set_result(view)
+
+    def release(self) -> None:
+        """The round is over and its output goes back to the caller: a reply still to be read by a
+        member stops being a view of it."""
+        for c, future in enumerate(self.replies):
+            if future.done() and future.exception() is None and isinstance(future.result(), memoryview):
+                self.replies[c] = copied = asyncio.get_running_loop().create_future()
+                copied.set_result(bytes(future.result()))
+
+    def passed(self, first: int, end: int | None = None) -> None:
+        """A reader is done with the replies of chunks ``first`` to ``end`` (to the last, when it
+        stops early). A reply every reader has passed is dropped: the members hold it (for fp32 as
+        their output's own bytes), the digest already covers it, and no reader can come later (a
+        remote member reads on the stream its part came on, and chunk 0 waits for every part still
+        expected; we register before our own part goes in). So a reducer keeps the replies in
+        flight, not its whole slice once more. A lost reducer's slice (``takeover``) keeps them: its
+        members may ask for it one after another."""
+        for c in range(first, len(self.chunks) if end is None else end):
+            self._passed[c] += 1
+            self._drop_if_passed(c)
+
+    def _drop_if_passed(self, c: int) -> None:
+        future = self.replies[c]
+        if self.takeover or not self._readers or self._passed[c] < self._readers or not future.done():
+            return
+        if future.exception() is not None:
+            return
+        self.replies[c] = dropped = asyncio.get_running_loop().create_future()
+        dropped.set_exception(SliceFailed(f"the reply of chunk {c} of slice {self.index} was dropped"))
+        dropped.exception()  # marked retrieved: a reader here would be a bug, not a lost exception
 
     def exclude(self, peer_id: str, reason: str) -> None:
         """Leave ``peer_id`` out of every chunk not reduced yet."""
@@ -303,6 +358,7 @@ class SliceReduction:
                 self.payloads[c] = {}
                 self.done = c + 1
                 self.replies[c].set_result(outcome.reply)
+                self._drop_if_passed(c)  # every member stopped reading before this chunk
                 self._changed.set()
             self.trailer.set_result(self._make_trailer())
         except SliceFailed as e:

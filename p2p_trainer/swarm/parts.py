@@ -132,6 +132,9 @@ class Replies:
         # a lossless codec's reply is the bytes it decodes to: once decoded into the output, the
         # output's own bytes stand in for it (fp32: a round keeps 1x of the vector, not 2x)
         self._view = getattr(codec, "payload_view", None) if out is not None else None
+        # told of each chunk held as such a view (a reducer's own slice: its reply goes too, see
+        # ``SliceReduction.share``)
+        self.on_share: Callable[[int, memoryview], None] | None = None
 
     @property
     def held(self) -> int:
@@ -184,3 +187,5 @@ class Replies:
         if self._view is not None and c < len(chunks) and chunks[c] is reply:
             lo, hi = self.bounds[c]
             chunks[c] = self._view(self.out[lo:hi])
+            if self.on_share is not None:
+                self.on_share(c, chunks[c])

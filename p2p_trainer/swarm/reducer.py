@@ -207,17 +207,21 @@ class ReducerService:
             reduction.exclude(sender, bad)
             return await self._refuse(writer, bad, traffic)
         reduction.start(sender)
+        reduction.add_reader()
         receiving = asyncio.ensure_future(self._receive_chunks(reduction, sender, reader, traffic))
         # what we send is the reduction's own bytes, whose hash it keeps, unless we hand out a lost
         # reducer's chunks or a fault hook changes them: only then hash it here
         sent = slice_digest() if known or self.fault is not None else None
+        read = 0  # the first chunk whose reply we have not passed on
         try:
             for c in range(len(reduction.chunks)):
-                reply = known[c] if c < len(known) else await asyncio.shield(reduction.replies[c])
+                reply = known[c] if c < len(known) else await reduction.reply(c)
                 reply = self.deliver(sender, c, reply)
                 if sent is not None:
                     sent.update(reply)
                 await wire.send_tagged(writer, wire.TAG_CHUNK, reply, traffic)
+                reduction.passed(c, c + 1)
+                read = c + 1
             trailer = known_trailer or await asyncio.shield(reduction.trailer)
             # a lost reducer's trailer is its seal, not ours: we vouch for what we hand out
             digest = sent.hexdigest() if sent is not None else reduction.digest
@@ -226,6 +230,7 @@ class ReducerService:
         except SliceFailed as e:
             await self._refuse(writer, str(e), traffic)
         finally:
+            reduction.passed(read)  # a stream cut short reads no more
             if not receiving.done():
                 # read a late part to its end anyway: closing a stream with unread data resets it, and
                 # the sender would lose the average we sent (the same bytes as everyone's)
