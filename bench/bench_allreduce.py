@@ -102,6 +102,8 @@ def run(numel: int = 1 << 24, rounds: int = 5, peers: tuple[int, ...] = (2, 4)) 
             base = next(r for r in block if r["codec"] == "none")["round_s_median"]
             for r in block:
                 r["speedup_vs_hivemind_none"] = round(base / r["round_s_median"], 2)
+                if "allreduce_only_s" in r:  # like for like: hivemind's figure leaves its matchmaking out
+                    r["speedup_allreduce_only"] = round(base / r["allreduce_only_s"], 2)
                 goal = GOAL_SPEEDUP.get((r["codec"], world)) if r["engine"] == "p2p-trainer" else None
                 if goal is not None:
                     r["goal"] = f">= {goal:g}x, memory <= {GOAL_MEMORY_X:g}x"
