@@ -156,6 +156,25 @@ def test_bad_member_is_left_out_and_named(peers, fault, caplog):
     assert any("leaving out" in m for m in named), caplog.text
 
 
+@pytest.mark.timeout(60)
+def test_a_member_whose_own_vector_cannot_be_encoded_fails_alone(peers):
+    """Its part of the slice it reduces never goes in, but that slice still reaches the others."""
+    numel = 30_011
+    gen = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(numel, generator=gen) for _ in peers]
+    vectors[2][::1000] = float("nan")  # every slice and chunk of it
+    weights = [700.0, 300.0, 1000.0]
+    results = st.run_round(peers, _next_step(peers), vectors, weights)
+    bad = peers[2].peer_id
+    vec = {p.peer_id: v for p, v in zip(peers, vectors, strict=True)}
+    wts = {p.peer_id: w for p, w in zip(peers, weights, strict=True)}
+    expected = st.reference_mean(vec, wts, [m for m in results[0].members if m != bad])
+    for r in results[:2]:
+        assert r is not None and r.excluded == [bad], r and r.reasons
+        assert torch.equal(r.average, expected)
+    assert results[2] is None
+
+
 @pytest.mark.timeout(120)
 def test_refused_member_round_after_round_costs_no_honest_stream(peers):
     """A reducer closes a stream only once its member has closed its end (``wire.finish``): closing

@@ -342,6 +342,8 @@ class AllReducer:
             reduction.passed(read)
             if feeding is not None and not feeding.done():
                 feeding.cancel()
+            elif feeding is not None and not feeding.cancelled():
+                feeding.exception()  # seen: when the reading failed too, its error is the one raised
             await replies.settle()
         trailer = await asyncio.shield(reduction.trailer)
         digest = digest if replies.hashing else reduction.digest
