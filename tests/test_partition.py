@@ -102,22 +102,32 @@ def _reduce(parts, *, order, group=GROUP, timeout=5.0, takeover=False, aggregati
     return asyncio.run(scenario())
 
 
+async def _reduced_by_two(takeover: bool = False) -> SliceReduction:
+    """A 4-chunk slice reduced from A's and B's equal parts (chunk c holds lo..hi-1), both readers."""
+    group = _group((A, 1.0, False), (B, 1.0, False), chunk=250)
+    reduction = SliceReduction(
+        group, 0, (0, NUMEL), codec=CODEC, timeout=5.0, max_weight=1e9, takeover=takeover
+    )
+    for peer in (A, B):
+        reduction.start(peer)
+        reduction.add_reader()
+    task = asyncio.create_task(reduction.run())
+    for c, (lo, hi) in enumerate(reduction.chunks):
+        for peer in (A, B):
+            reduction.submit(peer, c, CODEC.encode(torch.arange(lo, hi, dtype=torch.float32)))
+    await task
+    return reduction
+
+
+_BY_TWO = [CODEC.encode(torch.arange(lo, lo + 250, dtype=torch.float32)) for lo in range(0, NUMEL, 250)]
+
+
 def test_a_reducer_drops_each_reply_once_every_reader_passed_it():
     """The reducer's averaged chunks go once every reader has passed them (a reader cut short
     passes the rest); a lost reducer's slice keeps them for members that ask later."""
-    group = _group((A, 1.0, False), (B, 1.0, False), chunk=250)  # 4 chunks
 
     async def scenario(takeover: bool):
-        reduction = SliceReduction(group, 0, (0, NUMEL), codec=CODEC, timeout=5.0, max_weight=1e9,
-                                   takeover=takeover)  # fmt: skip
-        for peer in (A, B):
-            reduction.start(peer)
-            reduction.add_reader()
-        task = asyncio.create_task(reduction.run())
-        for c, (lo, hi) in enumerate(reduction.chunks):
-            for peer in (A, B):
-                reduction.submit(peer, c, CODEC.encode(torch.full((hi - lo,), float(c))))
-        await task
+        reduction = await _reduced_by_two(takeover)
         held = lambda: [f.exception() is None for f in reduction.replies]  # noqa: E731
         replies = [bytes(await reduction.reply(c)) for c in range(4)]
         for c in range(4):  # A reads every chunk
@@ -129,7 +139,7 @@ def test_a_reducer_drops_each_reply_once_every_reader_passed_it():
         return replies, [*seen, held()]
 
     replies, seen = asyncio.run(scenario(takeover=False))
-    assert replies == [CODEC.encode(torch.full((250,), float(c))) for c in range(4)]
+    assert replies == _BY_TWO
     assert seen == [[True] * 4, [False, True, True, True], [False] * 4]
     assert asyncio.run(scenario(takeover=True))[1] == [[True] * 4] * 3
 
@@ -138,18 +148,9 @@ def test_a_reducer_holds_its_replies_as_views_of_its_output_until_the_round_hand
     """fp32: once the reducer's own output holds an averaged chunk, the reply is a view of it (no
     second copy for members still to be sent it); ``release`` copies what is left before the caller
     may overwrite the output, and members are always sent bytes of their own."""
-    group = _group((A, 1.0, False), (B, 1.0, False), chunk=250)
 
     async def scenario():
-        reduction = SliceReduction(group, 0, (0, NUMEL), codec=CODEC, timeout=5.0, max_weight=1e9)
-        for peer in (A, B):
-            reduction.start(peer)
-            reduction.add_reader()
-        task = asyncio.create_task(reduction.run())
-        for c, (lo, hi) in enumerate(reduction.chunks):
-            for peer in (A, B):
-                reduction.submit(peer, c, CODEC.encode(torch.arange(lo, hi, dtype=torch.float32)))
-        await task
+        reduction = await _reduced_by_two()
         out = torch.empty(NUMEL)
         for c, (lo, hi) in enumerate(reduction.chunks):
             CODEC.decode_into(await reduction.reply(c), out[lo:hi])
@@ -162,10 +163,9 @@ def test_a_reducer_holds_its_replies_as_views_of_its_output_until_the_round_hand
         return views, sent, [await reduction.reply(c) for c in range(4)]
 
     views, sent, after = asyncio.run(scenario())
-    expected = [CODEC.encode(torch.arange(lo, lo + 250, dtype=torch.float32)) for lo in range(0, NUMEL, 250)]
     assert views == [True] * 4
     assert all(type(r) is bytes for r in sent + after)
-    assert sent == after == expected
+    assert sent == after == _BY_TWO
 
 
 def _vectors(seed: int = 0) -> dict[str, torch.Tensor]:
