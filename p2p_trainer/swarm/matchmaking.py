@@ -46,6 +46,7 @@ _MAX_REDIRECTS = 8
 _SKIP_ROUNDS = 10  # rounds a leader that stalled or was unreachable is skipped
 _MAX_LOBBIES = 4
 _FRESH_S = 0.05  # a read of the records started this recently counts as a fresh one
+_JOIN_LINGER_S = 5.0  # the longest a leader waits for a joiner to close the stream it answered
 
 
 class Matchmaker:
@@ -195,7 +196,8 @@ class Matchmaker:
                 JoinReply, await wire.recv_frame(reader, messages.MAX_HEADER_BYTES, traffic)
             )
         finally:
-            await wire.close(writer)
+            # the leader closes its end once ours is closed (``_handle_join``); we need not wait for that
+            writer.close()
 
     # ---- leader side ----
     async def _handle_join(
@@ -224,9 +226,11 @@ class Matchmaker:
         except Exception:
             logger.exception(f"failed to answer a join request from {sender}")
         finally:
-            # a join reply is one small frame, sent while the asker waits for it: closing at once is
-            # safe enough here, and waiting for the asker's close measurably slowed every round
-            await wire.close(writer)
+            # closing at once could cut our reply short (see ``wire.finish``): under load a joiner
+            # once read a reply's length and then the end of the stream, took us for unreachable and
+            # skipped us for _SKIP_ROUNDS rounds, which failed the round. The joiner closes as soon
+            # as it has read the reply, without waiting for our close, so this costs it nothing.
+            await wire.finish(reader, writer, _JOIN_LINGER_S)
 
     async def _refusal(self, member: Member, request: JoinRequest) -> str | None:
         """Why ``member`` may not join our lobby for ``request.step``, or None."""
