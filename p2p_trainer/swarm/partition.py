@@ -266,19 +266,16 @@ class SliceReduction:
         bytes, see ``Replies``): the reply becomes a view of it, and members slower than the
         reduction no longer make us keep a slice's worth of replies (``release`` copies what they
         still need before the round hands the output back)."""
-        future = self.replies[c]
-        if self.takeover or not future.done() or future.exception() is not None:
-            return
-        self.replies[c] = shared = asyncio.get_running_loop().create_future()
-        shared.set_result(view)
+        if not self.takeover and self._held(c) is not None:
+            self._hold(c, view)
 
     def release(self) -> None:
         """The round is over and its output goes back to the caller: a reply still to be read by a
         member stops being a view of it."""
-        for c, future in enumerate(self.replies):
-            if future.done() and future.exception() is None and isinstance(future.result(), memoryview):
-                self.replies[c] = copied = asyncio.get_running_loop().create_future()
-                copied.set_result(bytes(future.result()))
+        for c in range(len(self.replies)):
+            held = self._held(c)
+            if isinstance(held, memoryview):
+                self._hold(c, bytes(held))
 
     def passed(self, first: int, end: int | None = None) -> None:
         """A reader is done with the replies of chunks ``first`` to ``end`` (to the last, when it
@@ -293,14 +290,23 @@ class SliceReduction:
             self._drop_if_passed(c)
 
     def _drop_if_passed(self, c: int) -> None:
+        if self.takeover or not self._readers or self._passed[c] < self._readers or self._held(c) is None:
+            return
+        self._hold(c, SliceFailed(f"the reply of chunk {c} of slice {self.index} was dropped"))
+
+    def _held(self, c: int) -> bytes | memoryview | None:
+        """The reply of chunk ``c`` as held now; None when not reduced yet, failed or dropped."""
         future = self.replies[c]
-        if self.takeover or not self._readers or self._passed[c] < self._readers or not future.done():
-            return
-        if future.exception() is not None:
-            return
-        self.replies[c] = dropped = asyncio.get_running_loop().create_future()
-        dropped.set_exception(SliceFailed(f"the reply of chunk {c} of slice {self.index} was dropped"))
-        dropped.exception()  # marked retrieved: a reader here would be a bug, not a lost exception
+        return future.result() if future.done() and future.exception() is None else None
+
+    def _hold(self, c: int, reply: bytes | memoryview | SliceFailed) -> None:
+        """Chunk ``c``'s reply is now ``reply`` (a SliceFailed: dropped; a reader there would be a bug)."""
+        self.replies[c] = future = asyncio.get_running_loop().create_future()
+        if isinstance(reply, SliceFailed):
+            future.set_exception(reply)
+            future.exception()  # marked retrieved: nobody is meant to wait for it
+        else:
+            future.set_result(reply)
 
     def exclude(self, peer_id: str, reason: str) -> None:
         """Leave ``peer_id`` out of every chunk not reduced yet."""
