@@ -77,6 +77,7 @@ def test_overrides_are_typed(tmp_path):
         ({"data.batch_size": "10", "data.micro_batch_size": "4"}, "batch_size=10"),
         ({"outer.ef_decay": "0"}, "outer.ef_decay=0"),
         ({"outer.ef_decay": "1.5"}, "outer.ef_decay=1.5"),
+        ({"swarm.daemon_threads": "-1"}, "swarm.daemon_threads=-1"),
     ],
 )
 def test_bad_values_name_themselves(overrides, needle):

@@ -1,5 +1,6 @@
 """Getting into the swarm: multiaddr checks, unreachable initial peers, joining through the stock
-`hivemind-dht` CLI, the run fingerprint, persistent identities, and progress-record validation."""
+`hivemind-dht` CLI, the run fingerprint, persistent identities, the daemon's cores, and
+progress-record validation."""
 
 import os
 import re
@@ -129,6 +130,21 @@ def test_identity_file_keeps_the_peer_id_across_restarts(tmp_path):
         assert all(m.endswith("/p2p/" + first) for m in peer.visible_maddrs)
     with SwarmPeer(cfg, {}) as peer:
         assert peer.peer_id == first
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.decode().partition("=") for item in f.read().split(b"\0") if item]
+    return {key: value for key, _, value in pairs}
+
+
+@pytest.mark.timeout(30)
+def test_p2pd_runs_on_the_configured_number_of_cores():
+    with SwarmPeer(st.local_config("daemon-threads", daemon_threads=3), {}):
+        daemons = [pid for pid in procs.descendants(os.getpid()) if procs.command_name(pid) == "p2pd"]
+        assert daemons, "no p2pd under this process"
+        assert {_environ(pid).get("GOMAXPROCS") for pid in daemons} == {"3"}
+    assert "GOMAXPROCS" not in os.environ  # the setting is the daemon's, not the training process's
 
 
 def _record(**changes):

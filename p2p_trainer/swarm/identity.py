@@ -127,14 +127,18 @@ def peer_id_of_public_key(ssh_public_key: bytes) -> str:
 
 
 class _SwarmDHT(hivemind.DHT):
-    """hivemind's DHT process, made to exit (with its p2pd) when the training process dies."""
+    """hivemind's DHT process, made to exit (with its p2pd) when the training process dies; its p2pd
+    runs Go code on at most ``daemon_threads`` cores (0: Go's default)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._spawner_pid = os.getpid()  # set before the base class forks the process
+    def __init__(self, *args: Any, daemon_threads: int = 0, **kwargs: Any) -> None:
+        self._spawner_pid = os.getpid()  # both set before the base class forks the process
+        self._daemon_threads = daemon_threads
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         die_with_parent(self._spawner_pid)
+        if self._daemon_threads > 0:  # this process's environment is the one p2pd starts with
+            os.environ["GOMAXPROCS"] = str(self._daemon_threads)
         super().run()
 
 
@@ -165,9 +169,11 @@ def start_dht(
     join_timeout: float,
     validators: Sequence[RecordValidatorBase],
     restart: bool = False,
+    daemon_threads: int = 1,
 ) -> hivemind.DHT:
     """Start our DHT node (own process + p2pd), retrying unreachable initial peers with backoff.
-    ``restart``: the identity was in use by our own node a moment ago, not by another peer."""
+    ``restart``: the identity was in use by our own node a moment ago, not by another peer.
+    ``daemon_threads``: p2pd's GOMAXPROCS (0: Go's default; see ``SwarmConfig.daemon_threads``)."""
     deadline = time.monotonic() + join_timeout
     delay, attempt = 0.5, 0
     while True:
@@ -188,6 +194,7 @@ def start_dht(
                 record_validators=list(validators),
                 # asking the LAN's router (UPnP) for a port mapping makes no sense for a loopback listener
                 nat_port_map=not _loopback_only(host_maddrs),
+                daemon_threads=daemon_threads,
             )
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError or ValueError here
             reason = _one_line(e)

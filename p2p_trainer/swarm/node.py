@@ -78,6 +78,7 @@ class SwarmNode:
                 announce_maddrs=announce_maddrs,
                 join_timeout=cfg.join_timeout,
                 validators=validators,
+                daemon_threads=cfg.daemon_threads,
             )
             self.dht = self._start_dht(client_mode=self.client_mode)
             self._thread = LoopThread(f"swarm-{self.peer_id[-6:]}")
