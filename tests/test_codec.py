@@ -105,6 +105,14 @@ def test_registry_and_protocol() -> None:
     assert issubclass(CodecError, ValueError)
 
 
+@pytest.mark.parametrize("name", ["int8", "sparse"])
+def test_threads_per_call_reach_the_kernel_and_do_not_change_the_bytes(name: str) -> None:
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(5))
+    one, three = get_codec(name, threads=1), get_codec(name, threads=3)
+    assert (one._threads(), three._threads()) == (1, 3)
+    assert one.encode(x) == three.encode(x)
+
+
 def test_import_has_no_side_effects(tmp_path: Path) -> None:
     # Importing and constructing must not compile anything; only the first encode may.
     code = (

@@ -16,7 +16,9 @@ CODECS: tuple[str, ...] = ("fp32", "int8", "sparse")
 __all__ = ["CODECS", "Codec", "CodecError", "SparseParams", "get_codec"]
 
 
-def get_codec(name: str, *, backend: str = "auto", sparse: SparseParams | None = None) -> Codec:
+def get_codec(
+    name: str, *, backend: str = "auto", sparse: SparseParams | None = None, threads: int | None = None
+) -> Codec:
     """Return the codec called ``name`` (one of ``CODECS``).
 
     ``backend`` only matters for ``int8`` and ``sparse`` (fp32 has nothing to accelerate): ``"native"``
@@ -24,7 +26,8 @@ def get_codec(name: str, *, backend: str = "auto", sparse: SparseParams | None =
     or ``"auto"`` (native if it builds, else the reference after one logged warning). The C kernel is
     compiled lazily on the first encode/decode, never here. ``sparse`` holds the sparse codec's
     parameters (default ``SparseParams()``); the other codecs ignore it, so a caller can always pass
-    the ones from its config.
+    the ones from its config. ``threads``: the native kernels' threads per call (default: torch's
+    intra-op thread count).
     """
     if backend not in ("auto", "native", "reference"):
         raise ValueError(f"unknown codec backend {backend!r}; choices: auto, native, reference")
@@ -35,9 +38,9 @@ def get_codec(name: str, *, backend: str = "auto", sparse: SparseParams | None =
     if name == "int8":
         from p2p_trainer.codec.int8 import Int8Codec
 
-        return Int8Codec(backend=backend)
+        return Int8Codec(backend=backend, threads=threads)
     if name == "sparse":
         from p2p_trainer.codec.sparse import SparseCodec
 
-        return SparseCodec.from_params(sparse or SparseParams(), backend=backend)
+        return SparseCodec.from_params(sparse or SparseParams(), backend=backend, threads=threads)
     raise ValueError(f"unknown codec {name!r}; choices: {', '.join(CODECS)}")

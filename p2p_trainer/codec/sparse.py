@@ -139,8 +139,12 @@ class SparseCodec:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_params(cls, params: fmt.SparseParams, backend: Backend | str = "auto") -> SparseCodec:
-        return cls(backend, chunk_size=params.chunk_size, k=params.k, value_bits=params.value_bits)
+    def from_params(
+        cls, params: fmt.SparseParams, backend: Backend | str = "auto", threads: int | None = None
+    ) -> SparseCodec:
+        return cls(
+            backend, chunk_size=params.chunk_size, k=params.k, value_bits=params.value_bits, threads=threads
+        )
 
     @property
     def backend(self) -> str:

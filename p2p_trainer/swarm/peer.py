@@ -54,7 +54,9 @@ class SwarmPeer(Observer):
     ) -> None:
         try:
             sparse = SparseParams(cfg.sparse_chunk, cfg.sparse_k, cfg.sparse_bits)
-            self._codec = get_codec(cfg.codec, sparse=sparse)
+            # one thread per codec call: a round already runs its chunks' calls side by side in executor
+            # threads, and more per call only adds threads fighting for the same cores (and training's)
+            self._codec = get_codec(cfg.codec, sparse=sparse, threads=1)
             # a codec that builds native code lazily does it now, not mid-round
             self._codec.encode(torch.zeros(16))
         except ValueError as e:
