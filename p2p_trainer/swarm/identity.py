@@ -130,7 +130,7 @@ class _SwarmDHT(hivemind.DHT):
     """hivemind's DHT process, made to exit (with its p2pd) when the training process dies; its p2pd
     runs Go code on at most ``daemon_threads`` cores (0: Go's default)."""
 
-    def __init__(self, *args: Any, daemon_threads: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, daemon_threads: int, **kwargs: Any) -> None:
         self._spawner_pid = os.getpid()  # both set before the base class forks the process
         self._daemon_threads = daemon_threads
         super().__init__(*args, **kwargs)
