@@ -16,7 +16,9 @@ matchmaking (``x_bound_allreduce_only``), as stock hivemind's figure is. One fam
 (``FAMILIES``: stock hivemind none/fp16, our int8, our fp32), rounds interleaved within a family, and
 only that family's peers up: with every family's peers up at once, as on loopback, the rounds of all
 of them, stock hivemind's too, spread over 1.1-1.5x of their bounds from round to round on these
-2 cores (bench/notes/netns.md); one volunteer machine runs one peer.
+2 cores (bench/notes/netns.md); one volunteer machine runs one peer. Then, at 2 peers on a limited
+link, the transport's own time for an int8 round's bytes on the same links (``netns_floor``: bare
+p2pd streams, no codec or protocol), and our int8 rounds over it (``x_floor``).
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
 namespaces, for several H and link rates. Utilization = time in inner steps / wall time, over the
@@ -35,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import netns_floor
 from bench._procs import loadavg
 from bench.bench_allreduce import VARIANTS, measure
 from p2p_trainer.metrics import read_metrics
@@ -132,6 +135,9 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
         for family in FAMILIES:  # each with only its own peers up (see the module's docstring)
             results.update(measure(n, numel, rounds, workdir, hosts=nets.addrs,
                                    prefix=[nets.prefix(i) for i in range(n)], variants=family))
+        # the transport alone carrying an int8 round's bytes, on the same links (netns_floor.py)
+        floor = netns_floor.row([nets.prefix(i) for i in range(n)], nets.addrs, numel, rate, rounds,
+                                workdir) if rate and n == 2 else None
         for engine, codec in VARIANTS:
             answers = results[(engine, codec)]
             times = [max(a["round_s"] for a in rnd) for rnd in answers]
@@ -154,10 +160,14 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                     # is missing from that peer's count
                     sent = max(a["bytes_sent"] for a in answers[-1])
                     row["bound_actual_bytes_s"] = round(sent * 8 / (rate * 1e6), 3)
+                if floor and codec.startswith("int8"):
+                    row["x_floor"] = round(row["round_s"] / floor["round_s"], 2)
                 if rate == 100 and (engine, codec) in ANCHORS and n == 2:
                     row["anchor_s"] = ANCHORS[(engine, codec)]
             row["loadavg"] = f"{before} / {loadavg()}"
             rows.append(row)
+        if floor:
+            rows.append(floor)
     return rows
 
 
