@@ -132,6 +132,41 @@ def test_identity_file_keeps_the_peer_id_across_restarts(tmp_path):
         assert peer.peer_id == first
 
 
+@pytest.mark.timeout(60)
+def test_an_interrupted_join_leaves_no_dht_process_or_p2pd_behind():
+    """Ctrl+C or SIGTERM (the trainer raises KeyboardInterrupt while joining) that lands while the DHT
+    process is starting: by the time the exception reaches us, that process and its p2pd are gone."""
+    maddr = f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}"  # the start fails, and is retried, until join_timeout
+    seen: list[int] = []
+    done = threading.Event()
+
+    def fire_once_p2pd_runs() -> None:
+        while not done.is_set():
+            table = procs.process_table()
+            daemons = [pid for pid in procs.descendants(os.getpid(), table) if table[pid][2] == "p2pd"]
+            if daemons:  # each with the DHT process that started it
+                seen.extend({*daemons, *(table[pid][0] for pid in daemons)} - {os.getpid()})
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.005)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    watcher = threading.Thread(target=fire_once_p2pd_runs, daemon=True)
+    try:
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            SwarmPeer(st.local_config("interrupted", [maddr], join_timeout=30), {})
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, old)
+    assert seen, "the interrupt came before any p2pd started"
+    assert not [(pid, procs.command_line(pid)) for pid in seen if procs.alive(pid)], "left behind"
+
+
 def _environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         pairs = [item.decode().partition("=") for item in f.read().split(b"\0") if item]

@@ -28,7 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from multiaddr import Multiaddr
 
 from p2p_trainer.swarm.errors import MultiaddrError, SwarmError
-from p2p_trainer.swarm.procs import die_with_parent
+from p2p_trainer.swarm.procs import abandon, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,18 @@ class _SwarmDHT(hivemind.DHT):
         super().run()
 
 
+def _started(dht: _SwarmDHT) -> _SwarmDHT:
+    """``dht`` running and ready; if its start fails or is interrupted (Ctrl+C, SIGTERM while we join),
+    its half-started process and p2pd are gone when this returns, within seconds: left alone, the
+    interpreter's exit would join that process without a time limit."""
+    try:
+        dht.run_in_background(await_ready=True)
+    except BaseException:
+        abandon(dht)
+        raise
+    return dht
+
+
 def _loopback_only(maddrs: Sequence[str]) -> bool:
     hosts = [m.split("/")[2] for m in maddrs if m.startswith(("/ip4/", "/ip6/"))]
     return len(hosts) == len(maddrs) > 0 and all(h.startswith("127.") or h == "::1" for h in hosts)
@@ -179,8 +191,8 @@ def start_dht(
     while True:
         attempt += 1
         try:
-            return _SwarmDHT(
-                start=True,
+            return _started(_SwarmDHT(
+                start=False,
                 initial_peers=list(initial_peers) or None,
                 host_maddrs=list(host_maddrs),
                 announce_maddrs=list(announce_maddrs) or None,
@@ -195,7 +207,7 @@ def start_dht(
                 # asking the LAN's router (UPnP) for a port mapping makes no sense for a loopback listener
                 nat_port_map=not _loopback_only(host_maddrs),
                 daemon_threads=daemon_threads,
-            )
+            ))
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError or ValueError here
             reason = _one_line(e)
             if "already taken" in reason:

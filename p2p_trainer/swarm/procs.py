@@ -89,6 +89,19 @@ def stop_dht(dht) -> None:
                 pass
 
 
+def abandon(process, grace: float = 5.0) -> None:
+    """Stop a child process that may be stuck (e.g. a DHT process whose start was interrupted) and
+    its p2pd: SIGTERM, then SIGKILL after ``grace`` seconds; returns once it is gone."""
+    if not process.is_alive():
+        return
+    kill_p2pd_children(process.pid, signal.SIGKILL)
+    process.terminate()
+    process.join(grace)
+    if process.is_alive():
+        process.kill()
+        process.join(grace)
+
+
 def die_with_parent(parent_pid: int, period: float = 1.0) -> None:
     """In a child process: exit, taking our p2pd along, when the parent dies or on SIGTERM.
 
