@@ -14,10 +14,11 @@ from hivemind.utils.crypto import RSAPrivateKey
 from p2p_trainer.codec import get_codec
 from p2p_trainer.contracts import TensorVector
 from p2p_trainer.swarm.allreduce import AllReducer
+from p2p_trainer.swarm.combine import combine
 from p2p_trainer.swarm.exchange import Exchange
 from p2p_trainer.swarm.group import Group, Member
 from p2p_trainer.swarm.messages import PartHeader, SliceTrailer
-from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, combine, slice_bounds
+from p2p_trainer.swarm.partition import WINDOW, SliceReduction, chunk_bounds, slice_bounds
 from p2p_trainer.swarm.parts import OutgoingPart, Payloads, Replies
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan
 from p2p_trainer.swarm.verify import CheckBuffer, Signer, verifier_of

@@ -30,20 +30,13 @@ from hivemind.p2p import P2P
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.contracts import RoundResult, TensorVector, VectorSink, VectorSource, Window
 from p2p_trainer.swarm import deadlines
+from p2p_trainer.swarm.combine import Scratch, empty_f32
 from p2p_trainer.swarm.commit import CommitPhase
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.exchange import Exchange, ReducerLost
 from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import SliceTrailer
-from p2p_trainer.swarm.partition import (
-    Scratch,
-    SliceFailed,
-    SliceReduction,
-    chunk_bounds,
-    empty_f32,
-    part_weights,
-    slice_bounds,
-)
+from p2p_trainer.swarm.partition import SliceFailed, SliceReduction, chunk_bounds, part_weights, slice_bounds
 from p2p_trainer.swarm.parts import Fault, OutgoingPart, Payloads, Replies
 from p2p_trainer.swarm.reducer import ReducerService
 from p2p_trainer.swarm.takeover import RoundState, SliceAnswer, backup_plan

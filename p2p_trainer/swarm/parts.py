@@ -14,10 +14,10 @@ import torch
 
 from p2p_trainer.codec import Codec, CodecError
 from p2p_trainer.contracts import TensorVector, VectorSink, VectorSource
+from p2p_trainer.swarm.combine import empty_f32
 from p2p_trainer.swarm.errors import RoundFailed
 from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import PartHeader, slice_digest
-from p2p_trainer.swarm.partition import empty_f32
 from p2p_trainer.swarm.takeover import SliceAnswer
 
 

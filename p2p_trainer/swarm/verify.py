@@ -28,9 +28,10 @@ from collections.abc import Callable
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from p2p_trainer.codec import Codec, CodecError
+from p2p_trainer.swarm.combine import Scratch, combine
 from p2p_trainer.swarm.group import Group
 from p2p_trainer.swarm.messages import Accusation, CommitPost, CommitReply, PartHeader, Seal, SliceTrailer
-from p2p_trainer.swarm.partition import Scratch, chunk_bounds, combine, read_ahead
+from p2p_trainer.swarm.partition import chunk_bounds, read_ahead
 
 _TOLERANCE = 1e-3  # relative L2 between a reducer's average and a verifier's recomputation
 

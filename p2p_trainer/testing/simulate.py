@@ -18,7 +18,8 @@ from p2p_trainer.diloco import DiLoCo
 from p2p_trainer.inner import InnerLoop
 from p2p_trainer.model import build_model
 from p2p_trainer.swarm import aggregation
-from p2p_trainer.swarm.partition import combine, slice_bounds
+from p2p_trainer.swarm.combine import combine
+from p2p_trainer.swarm.partition import slice_bounds
 
 
 def swarm_average(
