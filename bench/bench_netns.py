@@ -18,7 +18,8 @@ only that family's peers up: with every family's peers up at once, as on loopbac
 of them, stock hivemind's too, spread over 1.1-1.5x of their bounds from round to round on these
 2 cores (bench/notes/netns.md); one volunteer machine runs one peer. Then, at 2 peers on a limited
 link, the transport's own time for an int8 round's bytes on the same links (``netns_floor``: bare
-p2pd streams, no codec or protocol), and our int8 rounds over it (``x_floor``).
+p2pd streams, no codec or protocol; over TCP as our peers run, and over QUIC), and our int8 rounds
+over the TCP one (``x_floor``).
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
 namespaces, for several H and link rates. Utilization = time in inner steps / wall time, over the
@@ -135,9 +136,12 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
         for family in FAMILIES:  # each with only its own peers up (see the module's docstring)
             results.update(measure(n, numel, rounds, workdir, hosts=nets.addrs,
                                    prefix=[nets.prefix(i) for i in range(n)], variants=family))
-        # the transport alone carrying an int8 round's bytes, on the same links (netns_floor.py)
-        floor = netns_floor.row([nets.prefix(i) for i in range(n)], nets.addrs, numel, rate, rounds,
-                                workdir) if rate and n == 2 else None
+        # the transport alone carrying an int8 round's bytes, on the same links (netns_floor.py): over
+        # TCP, as our peers run, and over QUIC beside it
+        prefixes = [nets.prefix(i) for i in range(n)]
+        floors = [netns_floor.row(prefixes, nets.addrs, numel, rate, rounds, workdir, transport)
+                  for transport in ("tcp", "quic")] if rate and n == 2 else []
+        floor = floors[0] if floors else None
         for engine, codec in VARIANTS:
             answers = results[(engine, codec)]
             times = [max(a["round_s"] for a in rnd) for rnd in answers]
@@ -166,8 +170,7 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                     row["anchor_s"] = ANCHORS[(engine, codec)]
             row["loadavg"] = f"{before} / {loadavg()}"
             rows.append(row)
-        if floor:
-            rows.append(floor)
+        rows += floors
     return rows
 
 

@@ -1,14 +1,16 @@
 """The transport's own time for a 2-peer round's bytes: the yardstick beside ``bench_netns``'s rounds.
 
-Two bare hivemind ``P2P`` daemons (the p2pd our peers and stock hivemind run on, TCP, one Go core
-as ``swarm.daemon_threads`` gives ours), one in each namespace. In each transfer both send the
-other ``part_bytes`` in 1 MiB frames on one new stream while echoing every frame they receive back on
-the stream it came on, as a reducer returns averaged chunks as they arrive: each upload carries one
-part and one part's worth of replies, the bytes of a 2-peer int8 round without any codec, protocol
-or matchmaking. A transfer's time is the slower side's, from an agreed start until all of its echoes
-are back; its bound is ``2 x part_bytes x 8 / rate``.
+Two bare hivemind ``P2P`` daemons (the p2pd our peers and stock hivemind run on, one Go core as
+``swarm.daemon_threads`` gives ours), one in each namespace, over TCP (yamux streams, as our peers
+and stock hivemind use) or QUIC (``--transport quic``: p2pd's other transport, for comparison). In
+each transfer both send the other ``part_bytes`` in 1 MiB frames on one new stream while echoing
+every frame they receive back on the stream it came on, as a reducer returns averaged chunks as
+they arrive: each upload carries one part and one part's worth of replies, the bytes of a 2-peer
+int8 round without any codec, protocol or matchmaking. A transfer's time is the slower side's, from
+an agreed start until all of its echoes are back; its bound is ``2 x part_bytes x 8 / rate``.
 
     python -m bench.netns_floor --role 0|1 --host ADDR --part-bytes N --transfers K --dir DIR
+                                [--transport tcp|quic]
 """
 
 from __future__ import annotations
@@ -64,15 +66,19 @@ async def _wait_for(path: Path, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def worker(role: int, host: str, part_bytes: int, transfers: int, where: Path) -> list[float]:
+MADDRS = {"tcp": "/ip4/{host}/tcp/0", "quic": "/ip4/{host}/udp/0/quic-v1"}
+
+
+async def worker(role: int, host: str, part_bytes: int, transfers: int, where: Path,
+                 transport: str = "tcp") -> list[float]:
     from hivemind.p2p import P2P, PeerID
 
     initial = []
     if role == 1:
         await _wait_for(where / "addrs0.json")
         initial = json.loads((where / "addrs0.json").read_text())["addrs"]
-    p2p = await P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=initial, nat_port_map=False,
-                           auto_nat=False)
+    p2p = await P2P.create(host_maddrs=[MADDRS[transport].format(host=host)], initial_peers=initial,
+                           nat_port_map=False, auto_nat=False)
     try:
         me = {"id": p2p.peer_id.to_base58(), "addrs": [str(m) for m in await p2p.get_visible_maddrs()]}
         (where / f"addrs{role}.tmp").write_text(json.dumps(me))
@@ -103,7 +109,7 @@ async def worker(role: int, host: str, part_bytes: int, transfers: int, where: P
 
 
 def measure(prefixes: list[list[str]], hosts: list[str], part_bytes: int, transfers: int,
-            workdir: Path, timeout: float = 300.0) -> list[float]:
+            workdir: Path, timeout: float = 300.0, transport: str = "tcp") -> list[float]:
     """Each transfer's time (the slower side's), two worker processes under ``prefixes``."""
     where = Path(workdir) / f"floor-{part_bytes}-{time.monotonic_ns()}"
     where.mkdir(parents=True)
@@ -114,7 +120,7 @@ def measure(prefixes: list[list[str]], hosts: list[str], part_bytes: int, transf
             procs.append(subprocess.Popen(
                 [*prefixes[r], sys.executable, "-m", "bench.netns_floor", "--role", str(r),
                  "--host", hosts[r], "--part-bytes", str(part_bytes), "--transfers", str(transfers),
-                 "--dir", str(where)],
+                 "--dir", str(where), "--transport", transport],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=env))
     try:
         outs = [json.loads(p.communicate(timeout=timeout)[0].strip().splitlines()[-1]) for p in procs]
@@ -129,13 +135,14 @@ def measure(prefixes: list[list[str]], hosts: list[str], part_bytes: int, transf
 
 
 def row(prefixes: list[list[str]], hosts: list[str], numel: int, rate_mbit: float, transfers: int,
-        workdir: Path) -> dict:
-    """The floor row of ``bench_netns`` part 1: a 2-peer int8 round's bytes (half the vector a peer)."""
+        workdir: Path, transport: str = "tcp") -> dict:
+    """A floor row of ``bench_netns`` part 1: a 2-peer int8 round's bytes (half the vector a peer)."""
     part = numel // 2
-    times = measure(prefixes, hosts, part, transfers, workdir)
+    times = measure(prefixes, hosts, part, transfers, workdir, transport=transport)
     bound = 2 * part * 8 / (rate_mbit * 1e6)
     median = statistics.median(times)
-    return {"bench": "netns", "part": "all-reduce", "engine": "p2pd streams (floor)", "codec": "int8 bytes",
+    return {"bench": "netns", "part": "all-reduce", "engine": f"p2pd streams, {transport} (floor)",
+            "codec": "int8 bytes",
             "peers": 2, "MB_per_peer": round(numel * 4 / 1e6, 1), "link_mbit": rate_mbit,
             "round_s": round(median, 3), "min_max_s": f"{min(times):.3f}-{max(times):.3f}",
             "wire_bound_s": round(bound, 3), "x_bound": round(median / bound, 2)}
@@ -148,8 +155,10 @@ def main() -> None:
     ap.add_argument("--part-bytes", type=int, required=True)
     ap.add_argument("--transfers", type=int, required=True)
     ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--transport", choices=sorted(MADDRS), default="tcp")
     a = ap.parse_args()
-    print(json.dumps(asyncio.run(worker(a.role, a.host, a.part_bytes, a.transfers, a.dir))), flush=True)
+    times = asyncio.run(worker(a.role, a.host, a.part_bytes, a.transfers, a.dir, a.transport))
+    print(json.dumps(times), flush=True)
 
 
 if __name__ == "__main__":
