@@ -142,13 +142,22 @@ class _SwarmDHT(hivemind.DHT):
         super().run()
 
 
+_FAILED_EXIT_S = 10.0  # a DHT process that reported a failed start leaves by itself within this
+
+
 def _started(dht: _SwarmDHT) -> _SwarmDHT:
     """``dht`` running and ready; if its start fails or is interrupted (Ctrl+C, SIGTERM while we join),
-    its half-started process and p2pd are gone when this returns, within seconds: left alone, the
-    interpreter's exit would join that process without a time limit."""
+    its half-started process and p2pd are gone when this returns: left alone, the interpreter's exit
+    would join that process without a time limit. A process that reported its failure is given the
+    time to leave by itself first: killed at an arbitrary point it could hold one of hivemind's
+    cross-process locks (``MPFuture``), and every later DHT call of ours would wait on it forever."""
     try:
         dht.run_in_background(await_ready=True)
-    except BaseException:
+    except Exception:
+        dht.join(_FAILED_EXIT_S)
+        abandon(dht)  # only if it did not leave
+        raise
+    except BaseException:  # we are going down: nothing of ours will use those locks again
         abandon(dht)
         raise
     return dht

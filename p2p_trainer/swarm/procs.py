@@ -91,7 +91,9 @@ def stop_dht(dht) -> None:
 
 def abandon(process, grace: float = 5.0) -> None:
     """Stop a child process that may be stuck (e.g. a DHT process whose start was interrupted) and
-    its p2pd: SIGTERM, then SIGKILL after ``grace`` seconds; returns once it is gone."""
+    its p2pd: SIGTERM, then SIGKILL after ``grace`` seconds; returns once it is gone. A process
+    stopped this way may die holding a lock it shares with its parent (hivemind's ``MPFuture``
+    locks): only for a process we leave behind on our way out, or one that did not leave by itself."""
     if not process.is_alive():
         return
     kill_p2pd_children(process.pid, signal.SIGKILL)
