@@ -133,12 +133,12 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
         nets.shape(rate)
         before = loadavg()
         results = {}
+        prefixes = [nets.prefix(i) for i in range(n)]
         for family in FAMILIES:  # each with only its own peers up (see the module's docstring)
-            results.update(measure(n, numel, rounds, workdir, hosts=nets.addrs,
-                                   prefix=[nets.prefix(i) for i in range(n)], variants=family))
+            results.update(measure(n, numel, rounds, workdir, hosts=nets.addrs, prefix=prefixes,
+                                   variants=family))
         # the transport alone carrying an int8 round's bytes, on the same links (netns_floor.py): over
         # TCP, as our peers run, and over QUIC beside it
-        prefixes = [nets.prefix(i) for i in range(n)]
         floors = [netns_floor.row(prefixes, nets.addrs, numel, rate, rounds, workdir, transport)
                   for transport in ("tcp", "quic")] if rate and n == 2 else []
         floor = floors[0] if floors else None

@@ -9,8 +9,9 @@ they arrive: each upload carries one part and one part's worth of replies, the b
 int8 round without any codec, protocol or matchmaking. A transfer's time is the slower side's, from
 an agreed start until all of its echoes are back; its bound is ``2 x part_bytes x 8 / rate``.
 
-    python -m bench.netns_floor --role 0|1 --host ADDR --part-bytes N --transfers K --dir DIR
-                                [--transport tcp|quic]
+    python -m bench.netns_floor --host ADDR --part-bytes N [--transport tcp|quic] [--initial-peers ...]
+
+(a worker process: ``measure`` starts two and drives them over stdin, as ``bench._procs`` does)
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench._procs import Worker, stop_all
 
 CHUNK = 1 << 20
 PROTOCOL = "bench-floor"
@@ -58,80 +60,59 @@ async def _transfer(p2p, other, payload: bytes) -> None:
         writer.close()
 
 
-async def _wait_for(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {path}")
-        await asyncio.sleep(0.005)
-
-
 MADDRS = {"tcp": "/ip4/{host}/tcp/0", "quic": "/ip4/{host}/udp/0/quic-v1"}
 
 
-async def worker(role: int, host: str, part_bytes: int, transfers: int, where: Path,
-                 transport: str = "tcp") -> list[float]:
+async def worker(host: str, part_bytes: int, transport: str, initial: list[str]) -> None:
+    """Answers the parent on stdout (``bench._procs.Worker``): its addresses, then for each
+    ``go <peer id> <start>`` the seconds from ``start`` until all of its echoes were back."""
     from hivemind.p2p import P2P, PeerID
 
-    initial = []
-    if role == 1:
-        await _wait_for(where / "addrs0.json")
-        initial = json.loads((where / "addrs0.json").read_text())["addrs"]
+    def say(obj: dict) -> None:
+        print(json.dumps(obj), flush=True)
+
     p2p = await P2P.create(host_maddrs=[MADDRS[transport].format(host=host)], initial_peers=initial,
                            nat_port_map=False, auto_nat=False)
     try:
-        me = {"id": p2p.peer_id.to_base58(), "addrs": [str(m) for m in await p2p.get_visible_maddrs()]}
-        (where / f"addrs{role}.tmp").write_text(json.dumps(me))
-        (where / f"addrs{role}.tmp").rename(where / f"addrs{role}.json")
         await p2p.add_binary_stream_handler(PROTOCOL, lambda *a: _echo(*a, size=part_bytes))
-        await _wait_for(where / f"addrs{1 - role}.json")
-        other = PeerID.from_base58(json.loads((where / f"addrs{1 - role}.json").read_text())["id"])
-        payload = os.urandom(part_bytes)
-        times = []
-        for t in range(transfers + 1):  # the first warms the connection up and is not counted
-            (where / f"ready{role}-{t}").touch()
-            if role == 0:
-                await _wait_for(where / f"ready1-{t}")
-                (where / f"start{t}.tmp").write_text(str(time.time() + 0.2))
-                (where / f"start{t}.tmp").rename(where / f"start{t}")
-            await _wait_for(where / f"start{t}")
-            start = float((where / f"start{t}").read_text())
-            await asyncio.sleep(max(0.0, start - time.time()))
-            await _transfer(p2p, other, payload)
-            if t:
-                times.append(time.time() - start)
-            await asyncio.sleep(0.3)  # the other side's echoes drain before the next start
-        (where / f"done{role}").touch()
-        await _wait_for(where / f"done{1 - role}")  # our echoes of its last part are all back there
-        return times
+        say({"id": p2p.peer_id.to_base58(), "maddrs": [str(m) for m in await p2p.get_visible_maddrs()]})
+        payload, loop = os.urandom(part_bytes), asyncio.get_running_loop()
+        while (line := await loop.run_in_executor(None, sys.stdin.readline)).split()[:1] == ["go"]:
+            _, other, start = line.split()
+            await asyncio.sleep(max(0.0, float(start) - time.time()))
+            await _transfer(p2p, PeerID.from_base58(other), payload)
+            say({"s": time.time() - float(start)})
     finally:
         await p2p.shutdown()
 
 
 def measure(prefixes: list[list[str]], hosts: list[str], part_bytes: int, transfers: int,
-            workdir: Path, timeout: float = 300.0, transport: str = "tcp") -> list[float]:
+            workdir: Path, timeout: float = 120.0, transport: str = "tcp") -> list[float]:
     """Each transfer's time (the slower side's), two worker processes under ``prefixes``."""
-    where = Path(workdir) / f"floor-{part_bytes}-{time.monotonic_ns()}"
-    where.mkdir(parents=True)
-    env = dict(os.environ, GOMAXPROCS="1")  # p2pd inherits it, as our peers' daemons do
-    procs = []
-    for r in range(2):
-        with open(where / f"log{r}.txt", "w") as log:
-            procs.append(subprocess.Popen(
-                [*prefixes[r], sys.executable, "-m", "bench.netns_floor", "--role", str(r),
-                 "--host", hosts[r], "--part-bytes", str(part_bytes), "--transfers", str(transfers),
-                 "--dir", str(where), "--transport", transport],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=env))
+    workers: list[Worker] = []
+
+    def launch(r: int, initial: list[str]) -> dict:
+        argv = [*prefixes[r], sys.executable, "-m", "bench.netns_floor", "--host", hosts[r], "--part-bytes",
+                str(part_bytes), "--transport", transport, "--initial-peers", *initial]
+        # p2pd inherits GOMAXPROCS, as our peers' daemons do
+        workers.append(Worker(argv, Path(workdir) / f"floor-{transport}-{r}.log", env={"GOMAXPROCS": "1"}))
+        return workers[-1].expect(timeout)
+
     try:
-        outs = [json.loads(p.communicate(timeout=timeout)[0].strip().splitlines()[-1]) for p in procs]
-    except Exception as e:
-        raise RuntimeError(f"floor transfer failed: {e!r}; logs in {where}") from None
+        me = [launch(0, [])]
+        me.append(launch(1, me[0]["maddrs"]))
+        times = []
+        for t in range(transfers + 1):  # the first warms the connection up and is not counted
+            start = time.time() + 0.2
+            for w, other in zip(workers, reversed(me), strict=True):
+                w.send(f"go {other['id']} {start!r}")
+            # each answers once its own echoes are back, so after both no byte is in flight
+            seconds = max(w.expect(timeout)["s"] for w in workers)
+            if t:
+                times.append(seconds)
+        return times
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [max(a, b) for a, b in zip(outs[0], outs[1], strict=True)]
+        stop_all(workers)
 
 
 def row(prefixes: list[list[str]], hosts: list[str], numel: int, rate_mbit: float, transfers: int,
@@ -150,15 +131,12 @@ def row(prefixes: list[list[str]], hosts: list[str], numel: int, rate_mbit: floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--role", type=int, choices=(0, 1), required=True)
     ap.add_argument("--host", required=True)
     ap.add_argument("--part-bytes", type=int, required=True)
-    ap.add_argument("--transfers", type=int, required=True)
-    ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--transport", choices=sorted(MADDRS), default="tcp")
+    ap.add_argument("--initial-peers", nargs="*", default=[])
     a = ap.parse_args()
-    times = asyncio.run(worker(a.role, a.host, a.part_bytes, a.transfers, a.dir, a.transport))
-    print(json.dumps(times), flush=True)
+    asyncio.run(worker(a.host, a.part_bytes, a.transport, a.initial_peers))
 
 
 if __name__ == "__main__":
