@@ -39,6 +39,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# what a peer listens on (``--transport``); p2pd carries libp2p streams over either
+MADDRS = {"tcp": "/ip4/{host}/tcp/0", "quic": "/ip4/{host}/udp/0/quic-v1"}
 # ours: codec:aggregation (``clip`` is the default aggregation, ``mean`` the plain weighted mean)
 ENGINE_CODECS = {"ours": ("int8:clip", "int8:mean", "fp32:clip", "fp32:mean"), "hivemind": ("none", "fp16")}
 
@@ -99,8 +101,9 @@ class Worker:
 
 def start_group(engine: str, world: int, numel: int, workdir: Path, *, hosts: Sequence[str],
                 prefix: Sequence[Sequence[str]] = (), codecs: Sequence[str] = (),
-                run_id: str = "bench") -> list[Worker]:
-    """Start ``world`` peers of one engine: rank 0 first, the others join through it."""
+                run_id: str = "bench", transport: str = "tcp", recheck: float | None = None) -> list[Worker]:
+    """Start ``world`` peers of one engine: rank 0 first, the others join through it. ``transport``:
+    what the peers listen on (``MADDRS``); ``recheck``: ours' ``swarm.recheck`` (None: the default)."""
     codecs = list(codecs or ENGINE_CODECS[engine])
     workers: list[Worker] = []
 
@@ -108,7 +111,9 @@ def start_group(engine: str, world: int, numel: int, workdir: Path, *, hosts: Se
         argv = [*(prefix[rank] if prefix else ()), sys.executable, "-m", "bench._procs",
                 "--engine", engine, "--rank", str(rank), "--world", str(world), "--numel", str(numel),
                 "--host", hosts[rank], "--codecs", *codecs, "--run-id", run_id,
-                "--initial-peers", json.dumps(maddrs)]
+                "--initial-peers", json.dumps(maddrs), "--transport", transport]
+        if recheck is not None:
+            argv += ["--recheck", str(recheck)]
         workers.append(Worker(argv, workdir / f"{engine}-{world}-{rank}.log"))
         return workers[-1]
 
@@ -248,11 +253,15 @@ class _Ours:
         from p2p_trainer.testing.swarm import local_config
 
         self.world, self.peers = args.world, {}
+        extra = {} if args.recheck is None else {"recheck": args.recheck}
+        if args.transport != "tcp":  # the reachability check dials TCP addresses only: every bench peer
+            extra["auto_client_mode"] = False  # is reachable, so none is to turn client for want of one
         for variant in args.codecs:  # codec:aggregation
             codec, _, aggregation = variant.partition(":")
             cfg = local_config(f"{args.run_id}-{codec}-{aggregation or 'clip'}", initial.get(variant, []),
-                               codec=codec, aggregation=aggregation or "clip",
-                               host_maddrs=[f"/ip4/{args.host}/tcp/0"], target_group_size=args.world,
+                               codec=codec, aggregation=aggregation or "clip", **extra,
+                               host_maddrs=[MADDRS[args.transport].format(host=args.host)],
+                               target_group_size=args.world,
                                min_group_size=args.world, matchmaking_timeout=60.0,
                                allreduce_timeout=120.0, join_timeout=60.0)
             self.peers[variant] = SwarmPeer(cfg, {"run": args.run_id})
@@ -302,7 +311,7 @@ class _Hivemind:
         import hivemind
 
         self.hivemind = hivemind
-        self.dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
+        self.dht = hivemind.DHT(start=True, host_maddrs=[MADDRS[args.transport].format(host=args.host)],
                                 initial_peers=initial.get("dht") or None)
         self.args, self.averagers, self.tensors, self.controls = args, {}, {}, {}
 
@@ -368,6 +377,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--codecs", nargs="+", required=True)
     p.add_argument("--run-id", default="bench")
     p.add_argument("--initial-peers", default="{}")
+    p.add_argument("--transport", choices=sorted(MADDRS), default="tcp")
+    p.add_argument("--recheck", type=float, default=None, help="ours: swarm.recheck (default: the config's)")
     args = p.parse_args(argv)
     out = sys.stdout
 

@@ -38,16 +38,18 @@ GOAL_MEMORY_X = 2.0  # peak extra memory, times the vector's fp32 size
 
 def measure(world: int, numel: int, rounds: int, workdir: Path, hosts: list[str] | None = None,
             prefix: list[list[str]] | None = None,
-            variants: list[tuple[str, str]] = VARIANTS) -> dict[tuple[str, str], list[list[dict]]]:
+            variants: list[tuple[str, str]] = VARIANTS, transport: str = "tcp",
+            recheck: float | None = None) -> dict[tuple[str, str], list[list[dict]]]:
     """{(engine, codec): [per-round list of per-peer answers]} for ``rounds`` timed rounds of each of
-    ``variants``; only their peers are started."""
+    ``variants``; only their peers are started (``transport``, ``recheck``: see ``start_group``)."""
     hosts = hosts or ["127.0.0.1"] * world
     groups = {}
     try:
         for engine in [e for e in ENGINE_CODECS if any(v[0] == e for v in variants)]:
             codecs = [c for e, c in variants if e == engine]
             groups[engine] = start_group(engine, world, numel, workdir, hosts=hosts, prefix=prefix or (),
-                                         codecs=codecs, run_id=f"bench{world}")
+                                         codecs=codecs, run_id=f"bench{world}", transport=transport,
+                                         recheck=recheck)
         out: dict[tuple[str, str], list[list[dict]]] = {v: [] for v in variants}
         for rnd in range(rounds + 1):
             # a new order each round (seeded): what a round leaves behind for the next one hits

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench._procs import Worker, stop_all
+from bench._procs import MADDRS, Worker, stop_all
 
 CHUNK = 1 << 20
 PROTOCOL = "bench-floor"
@@ -58,9 +58,6 @@ async def _transfer(p2p, other, payload: bytes) -> None:
     finally:
         back.cancel()
         writer.close()
-
-
-MADDRS = {"tcp": "/ip4/{host}/tcp/0", "quic": "/ip4/{host}/udp/0/quic-v1"}
 
 
 async def worker(host: str, part_bytes: int, transport: str, initial: list[str]) -> None:

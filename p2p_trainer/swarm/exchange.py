@@ -144,12 +144,15 @@ class Exchange:
     async def _copy_to(
         self, verifier: str, header: PartHeader, payloads: Payloads, traffic: wire.Traffic
     ) -> None:
-        _, _, writer = await self._p2p.call_binary_stream_handler(
+        _, reader, writer = await self._p2p.call_binary_stream_handler(
             PeerID.from_base58(verifier), self.service.part_handler
         )
         try:
             await wire.send_message(writer, header, traffic)
             await send_chunks(writer, payloads, traffic)
+            # our last frames may still be on their way, or lost and due again: closing now could
+            # reset the stream under them (see ``wire.finish``), so the verifier closes first
+            await wire.finish(reader, writer, self.timeout)
         finally:
             await wire.close(writer)
 

@@ -161,6 +161,7 @@ class ReducerService:
             return await self._refuse(writer, refusal, traffic)
         if header.check:
             await self._serve_check(state.checks[header.slice], sender, header, reader, traffic)
+            await wire.close(writer)  # the copy's sender waits for this before it closes its end
         elif header.takeover:
             await self._serve_takeover(state, sender, header, reader, writer, traffic)
         else:
