@@ -18,8 +18,9 @@ only that family's peers up: with every family's peers up at once, as on loopbac
 of them, stock hivemind's too, spread over 1.1-1.5x of their bounds from round to round on these
 2 cores (bench/notes/netns.md); one volunteer machine runs one peer. Then, at 2 peers on a limited
 link, the transport's own time for an int8 round's bytes on the same links (``netns_floor``: bare
-p2pd streams, no codec or protocol; over TCP as our peers run, and over QUIC), and our int8 rounds
-over the TCP one (``x_floor``).
+p2pd streams, no codec or protocol; over TCP as our peers run by default, and over QUIC), our int8
+rounds once more with both peers listening on QUIC only (engine ``p2p-trainer, quic``), and each int8
+row over the floor of its own transport (``x_floor``).
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
 namespaces, for several H and link rates. Utilization = time in inner steps / wall time, over the
@@ -50,6 +51,9 @@ SUBNET = "10.213.0"
 BYTES_PER_VALUE = {"int8": 1, "fp16": 2, "fp32": 4, "none": 4}
 ANCHORS = {("hivemind", "none"): 1.60, ("hivemind", "fp16"): 0.69}  # anchors.md, 2 peers, 4M fp32, 100 Mbit
 # part 1 measures these families one after another, each with only its own peer processes running
+# ... and our int8 rounds over QUIC on the limited links, both peers listening on QUIC only and
+# full peers (the reachability check dials TCP addresses only; every peer here is reachable)
+QUIC_VARIANTS = [v for v in VARIANTS if v[0] == "ours" and v[1].startswith("int8")]
 FAMILIES = [[v for v in VARIANTS if v[0] == "hivemind"], [v for v in VARIANTS if v[1].startswith("int8")],
             [v for v in VARIANTS if v[1].startswith("fp32")]]
 
@@ -134,19 +138,27 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
         before = loadavg()
         results = {}
         prefixes = [nets.prefix(i) for i in range(n)]
+        runs = [(v, "tcp") for v in VARIANTS]
         for family in FAMILIES:  # each with only its own peers up (see the module's docstring)
-            results.update(measure(n, numel, rounds, workdir, hosts=nets.addrs, prefix=prefixes,
-                                   variants=family))
+            for v, answers in measure(n, numel, rounds, workdir, hosts=nets.addrs, prefix=prefixes,
+                                      variants=family).items():
+                results[(v, "tcp")] = answers
+        if rate:  # our int8 over QUIC too, on the limited links (both peers full: see QUIC_VARIANTS)
+            runs += [(v, "quic") for v in QUIC_VARIANTS]
+            for v, answers in measure(n, numel, rounds, workdir, hosts=nets.addrs, prefix=prefixes,
+                                      variants=QUIC_VARIANTS, transport="quic").items():
+                results[(v, "quic")] = answers
         # the transport alone carrying an int8 round's bytes, on the same links (netns_floor.py): over
         # TCP, as our peers run, and over QUIC beside it
-        floors = [netns_floor.row(prefixes, nets.addrs, numel, rate, rounds, workdir, transport)
-                  for transport in ("tcp", "quic")] if rate and n == 2 else []
-        floor = floors[0] if floors else None
-        for engine, codec in VARIANTS:
-            answers = results[(engine, codec)]
+        floor = {t: netns_floor.row(prefixes, nets.addrs, numel, rate, rounds, workdir, t)
+                 for t in ("tcp", "quic")} if rate and n == 2 else {}
+        for (engine, codec), transport in runs:
+            answers = results[((engine, codec), transport)]
             times = [max(a["round_s"] for a in rnd) for rnd in answers]
-            row = {"bench": "netns", "part": "all-reduce", "engine": "p2p-trainer" if engine == "ours" else
-                   "hivemind 1.1.12", "codec": codec, "peers": n, "MB_per_peer": round(numel * 4 / 1e6, 1),
+            name = "p2p-trainer" if engine == "ours" else "hivemind 1.1.12"
+            row = {"bench": "netns", "part": "all-reduce",
+                   "engine": name + (", quic" if transport == "quic" else ""), "codec": codec, "peers": n,
+                   "MB_per_peer": round(numel * 4 / 1e6, 1),
                    "link_mbit": rate or "unlimited", "round_s": round(statistics.median(times), 3),
                    "min_max_s": f"{min(times):.3f}-{max(times):.3f}"}
             if rate:
@@ -164,13 +176,13 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                     # is missing from that peer's count
                     sent = max(a["bytes_sent"] for a in answers[-1])
                     row["bound_actual_bytes_s"] = round(sent * 8 / (rate * 1e6), 3)
-                if floor and codec.startswith("int8"):
-                    row["x_floor"] = round(row["round_s"] / floor["round_s"], 2)
+                if transport in floor and codec.startswith("int8"):  # over the floor of its own transport
+                    row["x_floor"] = round(row["round_s"] / floor[transport]["round_s"], 2)
                 if rate == 100 and (engine, codec) in ANCHORS and n == 2:
                     row["anchor_s"] = ANCHORS[(engine, codec)]
             row["loadavg"] = f"{before} / {loadavg()}"
             rows.append(row)
-        rows += floors
+        rows += list(floor.values())
     return rows
 
 
