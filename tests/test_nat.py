@@ -19,10 +19,10 @@ import sys
 import time
 
 import pytest
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 
 from p2p_trainer.metrics import read_metrics
-from p2p_trainer.swarm import reachability, wire
+from p2p_trainer.swarm import dialback, reachability, wire
 from p2p_trainer.swarm.messages import ProbeRefusal, ProbeReply
 from p2p_trainer.swarm.node import SwarmNode
 from p2p_trainer.swarm.observer import Observer
@@ -48,7 +48,9 @@ def test_the_prober_dials_only_the_host_it_sees_and_few_ports():
         "/ip4/192.168.10.2/tcp/4001",  # the home address: not what the prober sees
         "/ip4/10.77.0.10/tcp/4001",
         "/ip4/10.77.0.10/tcp/4001",  # duplicate
-        "/ip4/10.77.0.10/udp/4001/quic",  # not TCP
+        "/ip4/10.77.0.10/udp/4001/quic",  # QUIC draft-29, which p2pd no longer speaks
+        "/ip4/10.77.0.10/udp/4002/quic-v1/webtransport",  # not plain QUIC
+        "/ip4/10.77.0.10/udp/4001/quic-v1",
         "/ip4/10.77.0.10/tcp/0",
         "/ip4/10.77.0.10/tcp/70000",
         "/ip4/6.6.6.6/tcp/22",  # a third party: never dialed
@@ -56,16 +58,30 @@ def test_the_prober_dials_only_the_host_it_sees_and_few_ports():
         *[f"/ip4/10.77.0.10/tcp/{5000 + i}" for i in range(10)],
     ]
     targets = reachability.dial_targets(announced, "10.77.0.10")
-    assert targets[0] == ("10.77.0.10", 4001)
-    assert len(targets) == reachability.MAX_DIALS and {h for h, _ in targets} == {"10.77.0.10"}
+    Target = reachability.Target
+    assert targets[:2] == [Target("10.77.0.10", 4001), Target("10.77.0.10", 4001, quic=True)]
+    assert len(targets) == reachability.MAX_DIALS and {t.host for t in targets} == {"10.77.0.10"}
+    assert [t.port for t in targets[2:]] == [5000, 5001]
     assert reachability.dial_targets(["/ip4/192.168.10.2/tcp/4001"], "10.77.0.10") == []
+    assert reachability.dial_targets(["/ip4/192.168.10.2/udp/4001/quic-v1"], "10.77.0.10") == []
+
+
+def test_a_quic_probe_is_answered_only_by_a_version_negotiation_that_echoes_it():
+    dcid, scid = b"d" * 8, b"s" * 8
+    probe = dialback.quic_probe(dcid, scid)
+    assert len(probe) == dialback.QUIC_PROBE_BYTES and probe[0] & 0xC0 == 0xC0
+    answer = bytes([0x80]) + bytes(4) + bytes([8]) + scid + bytes([8]) + dcid
+    assert dialback.quic_versions(answer + (1).to_bytes(4, "big"), dcid, scid) == [1]
+    assert dialback.quic_versions(answer + (1).to_bytes(4, "big")[:3], dcid, scid) is None  # torn
+    assert dialback.quic_versions(answer.replace(scid, dcid, 1) + bytes(4), dcid, scid) is None
+    assert dialback.quic_versions(probe, dcid, scid) is None  # an echo is no answer
 
 
 @pytest.mark.timeout(30)
 def test_a_dial_back_needs_a_libp2p_greeting():
     async def main() -> tuple[str, str, str]:
         async def greet(reader, writer):
-            writer.write(reachability.MULTISTREAM_HEADER)
+            writer.write(dialback.MULTISTREAM_HEADER)
             await writer.drain()
             writer.close()
 
@@ -79,9 +95,9 @@ def test_a_dial_back_needs_a_libp2p_greeting():
         dead = free_port()
         try:
             return (
-                await reachability.dial_libp2p("127.0.0.1", libp2p.sockets[0].getsockname()[1]),
-                await reachability.dial_libp2p("127.0.0.1", ssh.sockets[0].getsockname()[1]),
-                await reachability.dial_libp2p("127.0.0.1", dead),
+                await dialback.dial_libp2p("127.0.0.1", libp2p.sockets[0].getsockname()[1]),
+                await dialback.dial_libp2p("127.0.0.1", ssh.sockets[0].getsockname()[1]),
+                await dialback.dial_libp2p("127.0.0.1", dead),
             )
         finally:
             libp2p.close()
@@ -90,6 +106,40 @@ def test_a_dial_back_needs_a_libp2p_greeting():
     ok, not_libp2p, refused = asyncio.run(main())
     assert ok == ""
     assert "other than a libp2p peer" in not_libp2p
+    assert refused and "refused" in refused.lower()
+
+
+@pytest.mark.timeout(60)
+def test_a_quic_dial_back_needs_a_quic_v1_endpoint():
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    async def main() -> tuple[str, str, str, str]:
+        p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/udp/0/quic-v1"])
+        loop = asyncio.get_running_loop()
+        echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        silent, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        try:
+            quic = [str(m) for m in await p2p.get_visible_maddrs() if "/quic-v1" in str(m)]
+            return (
+                await dialback.dial_quic("127.0.0.1", int(quic[0].split("/")[4])),
+                await dialback.dial_quic("127.0.0.1", echo.get_extra_info("sockname")[1]),
+                await dialback.dial_quic("127.0.0.1", silent.get_extra_info("sockname")[1], timeout=1.0),
+                await dialback.dial_quic("127.0.0.1", free_port()),
+            )
+        finally:
+            echo.close()
+            silent.close()
+            await p2p.shutdown()
+
+    ok, echo, silent, refused = asyncio.run(main())
+    assert ok == ""
+    assert "other than a QUIC peer" in echo
+    assert silent == "no answer within 1s"
     assert refused and "refused" in refused.lower()
 
 
@@ -121,6 +171,26 @@ def test_a_reachable_peer_stays_full_and_the_check_is_quick(public_node):
         again = node.call(reachability.check(node.p2p, [public_node.peer_id]), timeout=10)
         took = time.monotonic() - started
         assert again.reachable is True and took < 1.0, f"a loopback probe took {took:.2f}s"
+    finally:
+        node.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_listening_on_quic_only_is_dialed_back_over_quic_and_stays_full(public_node):
+    quic = ["/ip4/127.0.0.1/udp/0/quic-v1"]
+    node = SwarmNode(local_config("nat-loopback", [_maddr(public_node)], host_maddrs=quic))
+    try:
+        assert node.reachability is not None and node.reachability.reachable is True, node.reachability
+        assert node.reachability.reason.endswith("(QUIC)"), node.reachability
+        assert not node.client_mode
+        # a peer listening on TCP only joins through it (dialing QUIC) and is probed by it
+        later = SwarmNode(local_config("nat-loopback", [_maddr(node)]))
+        try:
+            assert "/quic-v1/" in _maddr(node)
+            assert later.reachability is not None and later.reachability.prober == node.peer_id
+            assert later.reachability.reachable is True and not later.client_mode, later.reachability
+        finally:
+            later.shutdown()
     finally:
         node.shutdown()
 
@@ -157,7 +227,7 @@ def test_the_prober_never_dials_a_third_party_and_refuses_malformed_requests(pub
         ask = lambda maddrs: node.call(reachability._ask(node.p2p, public_node.peer_id, maddrs), timeout=10)
         third_party = ask(["/ip4/6.6.6.6/tcp/22", "/ip4/192.168.1.1/tcp/80"])
         assert third_party.reachable is False and third_party.observed == "127.0.0.1"
-        assert "connects from 127.0.0.1 but announces no TCP address there" in third_party.reason
+        assert "connects from 127.0.0.1 but announces no TCP or QUIC address there" in third_party.reason
         malformed = node.call(
             _raw_probe(node.p2p, public_node.peer_id, b'{"maddrs": "not a list"}'), timeout=10
         )
@@ -220,40 +290,63 @@ node.shutdown()
 """
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_behind_nat_a_forwarded_port_keeps_a_full_peer_and_the_bootstrap_peer_probes(tmp_path):
     _lab_or_skip()
     with NatLab(homes=2) as lab:
         forwarded, closed = lab.homes
         lab.forward_port(forwarded, 4001)
+        lab.forward_port(forwarded, 4002, "udp")
         log = tmp_path / "bootstrap.log"
-        host = f"/ip4/{lab.public_addr}/tcp/4001"
-        boot = start(lab.prefix(lab.public) + cli("bootstrap", "--host-maddrs", host), log)
+        hosts = [f"/ip4/{lab.public_addr}/tcp/4001", f"/ip4/{lab.public_addr}/udp/4001/quic-v1"]
+        boot = start(lab.prefix(lab.public) + cli("bootstrap", "--host-maddrs", *hosts), log)
         try:
-            maddr = wait_for_line(log, "initial peer:", boot)
-            args = {
-                forwarded.ns: ["/ip4/0.0.0.0/tcp/4001", f"/ip4/{forwarded.wan_addr}/tcp/4001"],
-                closed.ns: ["/ip4/0.0.0.0/tcp/0"],
+            wait_for_line(log, "initial peer:", boot)
+            time.sleep(0.5)  # it prints one line per address at once
+            over = {"tcp": "", "quic": ""}
+            for line in log.read_text().splitlines():
+                if line.startswith("initial peer:"):
+                    over["quic" if "/quic-v1/" in line else "tcp"] = line.split(":", 1)[1].strip()
+            assert all(over.values()), log.read_text()[-2000:]
+            # (initial peer, listen, announce): a forwarded TCP port, a forwarded UDP port (QUIC);
+            # a home announcing nothing the prober sees, and one announcing its router's address for
+            # QUIC with nothing forwarded there, joined over QUIC: what its router lets back answers
+            # that connection only, not a datagram from a new port of the prober
+            runs = {
+                "tcp": (forwarded, over["tcp"], ["/ip4/0.0.0.0/tcp/4001",
+                                                 f"/ip4/{forwarded.wan_addr}/tcp/4001"]),
+                "quic": (forwarded, over["quic"], ["/ip4/0.0.0.0/udp/4002/quic-v1",
+                                                  f"/ip4/{forwarded.wan_addr}/udp/4002/quic-v1"]),
+                "closed": (closed, over["tcp"], ["/ip4/0.0.0.0/tcp/0"]),
+                "closed-quic": (closed, over["quic"], ["/ip4/0.0.0.0/udp/4003/quic-v1",
+                                                       f"/ip4/{closed.wan_addr}/udp/4003/quic-v1"]),
             }
             answers = {}
-            for ns, extra in args.items():
+            for name, (home, maddr, extra) in runs.items():
                 out = subprocess.run(
-                    lab.prefix(ns) + [sys.executable, "-c", _NODE_SCRIPT, maddr, *extra],
+                    lab.prefix(home.ns) + [sys.executable, "-c", _NODE_SCRIPT, maddr, *extra],
                     capture_output=True,
                     text=True,
                     timeout=90,
                 )
                 assert out.returncode == 0, out.stderr[-2000:]
-                answers[ns] = json.loads(out.stdout.strip().splitlines()[-1])
+                answers[name] = json.loads(out.stdout.strip().splitlines()[-1])
         finally:
             assert stop(boot) == 0, log.read_text()[-2000:]
-    assert answers[forwarded.ns] == {
+    assert answers["tcp"] == {
         "reachable": True,
         "client_mode": False,
         "reason": f"dialed it back at {forwarded.wan_addr}:4001",
     }
-    assert answers[closed.ns]["reachable"] is False and answers[closed.ns]["client_mode"] is True
-    assert f"connects from {closed.wan_addr}" in answers[closed.ns]["reason"], answers
+    assert answers["quic"] == {
+        "reachable": True,
+        "client_mode": False,
+        "reason": f"dialed it back at {forwarded.wan_addr}:4002 (QUIC)",
+    }
+    assert answers["closed"]["reachable"] is False and answers["closed"]["client_mode"] is True
+    assert f"connects from {closed.wan_addr}" in answers["closed"]["reason"], answers
+    assert answers["closed-quic"]["reachable"] is False and answers["closed-quic"]["client_mode"] is True
+    assert f"{closed.wan_addr}:4003 (QUIC): no answer within" in answers["closed-quic"]["reason"], answers
 
 
 # ---- two trainers behind NAT ----

@@ -3,8 +3,8 @@
 A peer behind NAT (a home router, Colab) can dial out but cannot be dialed, so as a full peer it
 would be named reducer or leader and nobody could reach it: rounds would fail for everyone. So a
 joining peer asks one of its initial peers (a full peer or the bootstrap peer, which serve
-``ProbeServer``) to open a plain TCP connection to the addresses it announces and to check that a
-libp2p listener answers there; the node (``swarm.node``) switches to client mode on a "no".
+``ProbeServer``) to dial back the TCP and QUIC v1 addresses it announces and to check that a
+libp2p peer answers there (``dialback``); the node (``swarm.node``) switches to client mode on a "no".
 
 The prober only dials the host the asker's own connection comes from (the address it sees, not
 one the asker claims), so nobody can make it connect to a third party; it dials at most
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 import time
 from collections.abc import Sequence
@@ -32,15 +31,13 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from multiaddr import Multiaddr
 
 from p2p_trainer.swarm import wire
+from p2p_trainer.swarm.dialback import DIAL_TIMEOUT_S, dial_libp2p, dial_quic
 from p2p_trainer.swarm.loop import LoopThread
 from p2p_trainer.swarm.messages import ProbeRefusal, ProbeReply, ProbeRequest
 
 logger = logging.getLogger(__name__)
 
 HANDLER = "p2p_trainer.reachability.v1"  # one per peer, not per run: a bootstrap peer serves every run
-# what a libp2p TCP listener writes first, unasked: the multistream-select header
-MULTISTREAM_HEADER = b"\x13/multistream/1.0.0\n"
-DIAL_TIMEOUT_S = 2.0
 MAX_DIALS = 4
 MAX_ADDRS = 32  # announced addresses we read from one request
 RATE, BURST = 5.0, 10
@@ -73,17 +70,40 @@ def _canonical(host: str) -> str | None:
         return None
 
 
-def dial_targets(announced: Sequence[str], host: str) -> list[tuple[str, int]]:
-    """(host, port) of the announced TCP addresses on ``host`` (IP addresses only, in order, no
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    quic: bool = False  # a QUIC v1 address (UDP), else TCP
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}" + (" (QUIC)" if self.quic else "")
+
+
+def transport_of(maddr: str) -> str | None:
+    """'tcp' or 'quic' for an address the prober can dial (``/tcp/PORT``, ``/udp/PORT/quic-v1``,
+    nothing after them but a peer id), else None."""
+    parts = maddr.split("/p2p/", 1)[0].split("/")
+    if len(parts) == 5 and parts[3] == "tcp":
+        return "tcp"
+    if len(parts) == 6 and parts[3] == "udp" and parts[5] == "quic-v1":
+        return "quic"
+    return None
+
+
+def dial_targets(announced: Sequence[str], host: str) -> list[Target]:
+    """The announced TCP and QUIC v1 addresses on ``host`` (IP addresses only, in order, no
     duplicates, at most ``MAX_DIALS``): all the prober may dial."""
-    targets: list[tuple[str, int]] = []
+    targets: list[Target] = []
     for maddr in announced[:MAX_ADDRS]:
-        parts = str(maddr).split("/")
-        if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or "/p2p-circuit" in maddr:
+        maddr = str(maddr)
+        parts = maddr.split("/")
+        kind = transport_of(maddr) if "/p2p-circuit" not in maddr else None
+        if kind is None or parts[1] not in ("ip4", "ip6") or _canonical(parts[2]) != host:
             continue
-        if _canonical(parts[2]) != host or not parts[4].isdigit() or not 0 < int(parts[4]) < 65536:
+        if not parts[4].isdigit() or not 0 < int(parts[4]) < 65536:
             continue
-        target = (host, int(parts[4]))
+        target = Target(host, int(parts[4]), quic=kind == "quic")
         if target not in targets:
             targets.append(target)
     return targets[:MAX_DIALS]
@@ -94,13 +114,14 @@ def without_peer_id(maddr: str) -> str:
 
 
 async def _resolved(announced: list[str], timeout: float = DIAL_TIMEOUT_S) -> list[str]:
-    """``announced`` with its /dns, /dns4, /dns6 TCP addresses (the first few) turned into IP ones,
-    so that a peer announcing a name can be checked; a name that does not resolve in time is dropped."""
+    """``announced`` with its /dns, /dns4, /dns6 TCP and QUIC addresses (the first few) turned into
+    IP ones, so that a peer announcing a name can be checked; a name that does not resolve in time
+    is dropped."""
     loop = asyncio.get_running_loop()
     out, names = [], 0
     for maddr in announced[:MAX_ADDRS]:
         parts = maddr.split("/")
-        if len(parts) < 5 or parts[1] not in ("dns", "dns4", "dns6") or parts[3] != "tcp":
+        if len(parts) < 5 or parts[1] not in ("dns", "dns4", "dns6") or transport_of(maddr) is None:
             out.append(maddr)
             continue
         names += 1
@@ -113,7 +134,7 @@ async def _resolved(announced: list[str], timeout: float = DIAL_TIMEOUT_S) -> li
             continue
         for info in infos:
             ip = info[4][0]
-            out.append(f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{parts[4]}")
+            out.append("/".join(["", "ip6" if ":" in ip else "ip4", ip, *parts[3:]]))
     return out
 
 
@@ -132,24 +153,6 @@ class _TokenBucket:
 
 
 # ---- the prober ----
-async def dial_libp2p(host: str, port: int, timeout: float = DIAL_TIMEOUT_S) -> str:
-    """'' when a libp2p listener answers at host:port within ``timeout``, else why not."""
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        first = await asyncio.wait_for(reader.readexactly(len(MULTISTREAM_HEADER)), timeout)
-        return "" if first == MULTISTREAM_HEADER else "something other than a libp2p peer answers there"
-    except asyncio.TimeoutError:
-        return f"no answer within {timeout:.0f}s"
-    except asyncio.IncompleteReadError:
-        return "the connection was closed without a libp2p greeting"
-    except OSError as e:  # asyncio's strerror is "Connect call failed (...)": say what failed instead
-        return os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
-    finally:
-        if writer is not None:
-            writer.close()
-
-
 class ProbeServer:
     """Answers reachability probes (full peers and the bootstrap peer run one)."""
 
@@ -194,15 +197,17 @@ class ProbeServer:
         targets = dial_targets(await _resolved(announced), host)
         if not targets:
             shown = ", ".join(_clip(m, 100) for m in announced[:3]) or "nothing"
-            why = f"it connects from {host} but announces no TCP address there, only {shown}"
+            why = f"it connects from {host} but announces no TCP or QUIC address there, only {shown}"
             return ProbeReply(reachable=False, observed=host[:100], reason=why[:500])
-        failures = await asyncio.gather(*(dial_libp2p(h, p) for h, p in targets))
-        ok = [f"{h}:{p}" for (h, p), why in zip(targets, failures, strict=True) if not why]
+        failures = await asyncio.gather(
+            *((dial_quic if t.quic else dial_libp2p)(t.host, t.port) for t in targets)
+        )
+        ok = [str(t) for t, why in zip(targets, failures, strict=True) if not why]
         if ok:
             return ProbeReply(
                 reachable=True, observed=host[:100], reason=f"dialed it back at {', '.join(ok)}"[:500]
             )
-        tried = "; ".join(f"{h}:{p}: {why}" for (h, p), why in zip(targets, failures, strict=True))
+        tried = "; ".join(f"{t}: {why}" for t, why in zip(targets, failures, strict=True))
         return ProbeReply(
             reachable=False, observed=host[:100], reason=f"dialing it back failed ({tried})"[:500]
         )

@@ -180,15 +180,15 @@ class NatLab:
             where = [w.format(public=public, others=others) for w in match]
             in_ns(r, *ipt, "-I", "FORWARD", *where, "-m", "comment", "--comment", name)
 
-    def forward_port(self, home: Home, port: int) -> None:
-        """Forward TCP ``port`` of the router's wan address to the home, as a user would on a home
-        router: the home's peer becomes reachable at ``home.wan_addr:port``."""
+    def forward_port(self, home: Home, port: int, proto: str = "tcp") -> None:
+        """Forward ``port`` (``proto``: tcp or udp) of the router's wan address to the home, as a user
+        would on a home router: the home's peer becomes reachable at ``home.wan_addr:port``."""
         r, ipt = home.router, ("iptables", "-w", "5")
-        dnat = ("-i", "eth0", "-p", "tcp", "--dport", str(port), "-j", "DNAT", "--to-destination",
+        dnat = ("-i", "eth0", "-p", proto, "--dport", str(port), "-j", "DNAT", "--to-destination",
                 f"{home.addr}:{port}")
         in_ns(r, *ipt, "-t", "nat", "-A", "PREROUTING", *dnat)
         # before the DROP of new inbound connections, after the counters (which come first)
-        accept = ("-i", "eth0", "-o", "lan0", "-p", "tcp", "-d", home.addr, "--dport", str(port),
+        accept = ("-i", "eth0", "-o", "lan0", "-p", proto, "-d", home.addr, "--dport", str(port),
                   "-j", "ACCEPT")
         in_ns(r, *ipt, "-I", "FORWARD", str(len(_COUNTERS) + 1), *accept)
 
