@@ -254,8 +254,6 @@ class _Ours:
 
         self.world, self.peers = args.world, {}
         extra = {} if args.recheck is None else {"recheck": args.recheck}
-        if args.transport != "tcp":  # the reachability check dials TCP addresses only: every bench peer
-            extra["auto_client_mode"] = False  # is reachable, so none is to turn client for want of one
         for variant in args.codecs:  # codec:aggregation
             codec, _, aggregation = variant.partition(":")
             cfg = local_config(f"{args.run_id}-{codec}-{aggregation or 'clip'}", initial.get(variant, []),

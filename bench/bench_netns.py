@@ -51,8 +51,8 @@ SUBNET = "10.213.0"
 BYTES_PER_VALUE = {"int8": 1, "fp16": 2, "fp32": 4, "none": 4}
 ANCHORS = {("hivemind", "none"): 1.60, ("hivemind", "fp16"): 0.69}  # anchors.md, 2 peers, 4M fp32, 100 Mbit
 # part 1 measures these families one after another, each with only its own peer processes running
-# ... and our int8 rounds over QUIC on the limited links, both peers listening on QUIC only and
-# full peers (the reachability check dials TCP addresses only; every peer here is reachable)
+# ... and our int8 rounds over QUIC on the limited links, both peers listening on QUIC only (the
+# joiner's reachability check dials it back over QUIC: both are full peers)
 QUIC_VARIANTS = [v for v in VARIANTS if v[0] == "ours" and v[1].startswith("int8")]
 FAMILIES = [[v for v in VARIANTS if v[0] == "hivemind"], [v for v in VARIANTS if v[1].startswith("int8")],
             [v for v in VARIANTS if v[1].startswith("fp32")]]
@@ -143,7 +143,7 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
             for v, answers in measure(n, numel, rounds, workdir, hosts=nets.addrs, prefix=prefixes,
                                       variants=family).items():
                 results[(v, "tcp")] = answers
-        if rate:  # our int8 over QUIC too, on the limited links (both peers full: see QUIC_VARIANTS)
+        if rate:  # our int8 over QUIC too, on the limited links (see QUIC_VARIANTS)
             runs += [(v, "quic") for v in QUIC_VARIANTS]
             for v, answers in measure(n, numel, rounds, workdir, hosts=nets.addrs, prefix=prefixes,
                                       variants=QUIC_VARIANTS, transport="quic").items():
