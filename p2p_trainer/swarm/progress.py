@@ -94,8 +94,14 @@ def make_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordValid
     return [_SignatureValidator(private_key), _SchemaValidator(_RunSchema, prefix=run_id)]
 
 
+DHT_CALL_S = 30.0  # the longest we wait for hivemind's DHT to answer one store or read
+
+
 class ProgressBoard:
-    """Our view of the run's records; all methods run on the swarm's event loop thread."""
+    """Our view of the run's records; all methods run on the swarm's event loop thread. A DHT store
+    or read without an answer in ``call_timeout`` seconds fails like any other (logged; a store is
+    tried again at the next publish or heartbeat, a read keeps the last good view), so a DHT process
+    that hangs shows up in the log instead of holding every later store behind it."""
 
     def __init__(
         self,
@@ -107,8 +113,10 @@ class ProgressBoard:
         *,
         client_mode: bool = False,
         admitted: Callable[[str], bool] = lambda peer_id: True,
+        call_timeout: float = DHT_CALL_S,
     ):
         self._dht, self._peer_id, self.ttl, self.client_mode = dht, peer_id, ttl, client_mode
+        self.call_timeout = call_timeout
         self._admitted = admitted  # a private run reads nothing of peers outside it
         self._loop = asyncio.get_running_loop()
         self._progress_key, self._fingerprint_key = f"{run_id}_progress", f"{run_id}_fingerprint"
@@ -165,7 +173,15 @@ class ProgressBoard:
     # ---- writing ----
     async def _store(self, key: str, value: Any) -> bool:
         expiration = get_dht_time() + self.ttl
-        return bool(await self._dht.store(key, value, expiration, subkey=self._subkey, return_future=True))
+        call = self._dht.store(key, value, expiration, subkey=self._subkey, return_future=True)
+        return bool(await self._answer(call))
+
+    async def _answer(self, call: Any) -> Any:
+        """What a DHT call (hivemind's future) returns, or TimeoutError after ``call_timeout``."""
+        try:
+            return await asyncio.wait_for(call, self.call_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no answer from the DHT within {self.call_timeout:g}s") from None
 
     def _with_last_round(self, record: ProgressRecord) -> ProgressRecord:
         """Carry how our last completed round ended: our previous record's tokens and loss once the
@@ -280,7 +296,7 @@ class ProgressBoard:
     async def _read_entries(self, key: str) -> dict[str, Any] | None:
         """Entries under ``key`` by the peer id their owner key derives to; None if the read failed."""
         try:
-            found = await self._dht.get(key, latest=True, return_future=True)
+            found = await self._answer(self._dht.get(key, latest=True, return_future=True))
         except Exception as e:
             logger.warning(f"could not read {key} from the DHT: {e!r}")
             return None
