@@ -82,8 +82,11 @@ class Target:
 
 def transport_of(maddr: str) -> str | None:
     """'tcp' or 'quic' for an address the prober can dial (``/tcp/PORT``, ``/udp/PORT/quic-v1``,
-    nothing after them but a peer id), else None."""
-    parts = maddr.split("/p2p/", 1)[0].split("/")
+    nothing after them but a peer id: not a relay's ``/p2p/ID/p2p-circuit``), else None."""
+    head, _, peer_id = maddr.partition("/p2p/")
+    if "/" in peer_id:
+        return None
+    parts = head.split("/")
     if len(parts) == 5 and parts[3] == "tcp":
         return "tcp"
     if len(parts) == 6 and parts[3] == "udp" and parts[5] == "quic-v1":
@@ -98,7 +101,7 @@ def dial_targets(announced: Sequence[str], host: str) -> list[Target]:
     for maddr in announced[:MAX_ADDRS]:
         maddr = str(maddr)
         parts = maddr.split("/")
-        kind = transport_of(maddr) if "/p2p-circuit" not in maddr else None
+        kind = transport_of(maddr)
         if kind is None or parts[1] not in ("ip4", "ip6") or _canonical(parts[2]) != host:
             continue
         if not parts[4].isdigit() or not 0 < int(parts[4]) < 65536:
