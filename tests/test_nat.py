@@ -302,12 +302,14 @@ def test_behind_nat_a_forwarded_port_keeps_a_full_peer_and_the_bootstrap_peer_pr
         boot = start(lab.prefix(lab.public) + cli("bootstrap", "--host-maddrs", *hosts), log)
         try:
             wait_for_line(log, "initial peer:", boot)
-            time.sleep(0.5)  # it prints one line per address at once
-            over = {"tcp": "", "quic": ""}
-            for line in log.read_text().splitlines():
-                if line.startswith("initial peer:"):
-                    over["quic" if "/quic-v1/" in line else "tcp"] = line.split(":", 1)[1].strip()
-            assert all(over.values()), log.read_text()[-2000:]
+
+            def initial_peers() -> dict[str, str]:  # its address over each transport, once both are out
+                lines = [ln.split(":", 1)[1].strip() for ln in log.read_text().splitlines()
+                         if ln.startswith("initial peer:")]
+                found = {"quic" if "/quic-v1/" in ln else "tcp": ln for ln in lines}
+                return found if len(found) == 2 else {}
+
+            over = wait_until(initial_peers, 10, "the bootstrap peer's TCP and QUIC addresses")
             # (initial peer, listen, announce): a forwarded TCP port, a forwarded UDP port (QUIC);
             # a home announcing nothing the prober sees, and one announcing its router's address for
             # QUIC with nothing forwarded there, joined over QUIC: what its router lets back answers
