@@ -166,6 +166,7 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
                 bound = 2 * (n - 1) / n * numel * per_value * 8 / (rate * 1e6)
                 row["wire_bound_s"] = round(bound, 3)
                 row["x_bound"] = round(row["round_s"] / bound, 2)
+                row.update(netns_floor.spread(times, bound))
                 if engine == "ours":
                     # without our matchmaking (stock hivemind's figure leaves its own out)
                     alone = statistics.median(max(a["allreduce_s"] for a in rnd) for rnd in answers)
