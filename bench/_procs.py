@@ -10,6 +10,8 @@ commands on stdin and answers one JSON object per line on stdout (logs go to std
     -> {"ready": ROUND}                     (hivemind: group found, waiting for the trigger)
     <- go CODEC ROUND T                     at wall-clock time T (all peers share the clock), run it
     -> {"round_s": ..., "peak_extra_bytes": ..., ...}
+    <- floor CODEC ROUND T                  ours: at T, the transport alone carrying a round's bytes on
+    -> {"floor_s": ...}                     that codec's own connections (see ``_Ours.floor``)
     <- quit
 
 Memory: ``peak_extra_bytes`` is the most heap memory in use during the round (glibc ``mallinfo2``,
@@ -154,6 +156,15 @@ def run_round(workers: Sequence[Worker], codec: str, rnd: int, timeout: float = 
     return answers
 
 
+def run_floor(workers: Sequence[Worker], codec: str, rnd: int, timeout: float = 180.0) -> float:
+    """The transport alone carrying a round's bytes on ``codec``'s connections, all peers at once
+    (ours only); returns the slowest peer's time."""
+    start = time.time() + 0.3
+    for w in workers:
+        w.send(f"floor {codec} {rnd} {start!r}")
+    return max(w.expect(timeout)["floor_s"] for w in workers)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -264,6 +275,13 @@ class _Ours:
                                allreduce_timeout=120.0, join_timeout=60.0)
             self.peers[variant] = SwarmPeer(cfg, {"run": args.run_id})
         self.outs: dict = {}  # codec -> the tensor its rounds decode the average into, kept across rounds
+        # the floor beside the rounds: each peer pair's int8 part (bench/netns_floor.py), echoed back
+        from bench import netns_floor  # not at the top: netns_floor imports this module
+
+        self.floor_part = args.numel // args.world
+        for peer in self.peers.values():
+            peer.node.call(netns_floor.serve(peer.node.p2p, self.floor_part), timeout=30.0)
+        self._payload = b""
 
     def maddrs(self) -> dict:
         return {c: p.visible_maddrs for c, p in self.peers.items()}
@@ -298,6 +316,23 @@ class _Ours:
         return {"allreduce_s": res.allreduce_s, "wait_s": res.wait_s, "group_size": res.group_size,
                 "bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received,
                 "peak_extra_bytes": peak, "cpu_s": cpu}, res.average
+
+    def floor(self, codec: str, start: float) -> float:
+        """The seconds from ``start`` until this peer sent its int8 part of a round's bytes to every
+        other peer and got it echoed back, on the p2pd connections the rounds of ``codec`` use: the
+        transport's own time for those bytes, at that moment (its TCP streams change pace from one
+        30 s stretch to the next: bench/notes/netns.md)."""
+        from hivemind.p2p import PeerID
+
+        from bench import netns_floor
+
+        peer = self.peers[codec]
+        others = [PeerID.from_base58(pid) for pid in peer.swarm_records() if pid != peer.peer_id]
+        if len(self._payload) != self.floor_part:
+            self._payload = os.urandom(self.floor_part)
+        time.sleep(max(0.0, start - time.time()))
+        peer.node.call(netns_floor.transfer(peer.node.p2p, others, self._payload), timeout=120.0)
+        return time.time() - start
 
     def close(self) -> None:
         for p in self.peers.values():
@@ -408,6 +443,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
                 end = info.pop("_end", time.time())
                 info.update(round_s=end - start)
                 say(info)
+            elif cmd[0] == "floor":
+                say({"floor_s": engine.floor(codec, float(cmd[3]))})
             elif cmd[0] == "check":  # the last round's result, after every peer finished it
                 info = {"sha": _sha(result)}
                 if exact is not None:

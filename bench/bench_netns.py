@@ -20,7 +20,10 @@ of them, stock hivemind's too, spread over 1.1-1.5x of their bounds from round t
 link, the transport's own time for an int8 round's bytes on the same links (``netns_floor``: bare
 p2pd streams, no codec or protocol; over TCP as our peers run by default, and over QUIC), our int8
 rounds once more with both peers listening on QUIC only (engine ``p2p-trainer, quic``), and each int8
-row over the floor of its own transport (``x_floor``).
+row over the floor of its own transport (``x_floor``). Last, our int8 rounds each followed at once by
+that floor on the same peers' own connections (engine ``p2p-trainer beside its floor``; ``x_floor_paired``,
+``pairs_within_goal``): p2pd's TCP streams change pace from one 30 s stretch to the next
+(bench/notes/netns.md), so only a floor of the same moment tells the round's cost from the transport's.
 
 Part 2, utilization: two ``p2p-trainer train`` processes (debug config, ``--metrics``) in the
 namespaces, for several H and link rates. Utilization = time in inner steps / wall time, over the
@@ -184,6 +187,9 @@ def allreduce_rows(nets: Namespaces, numel: int, rates: list[float | None], roun
             row["loadavg"] = f"{before} / {loadavg()}"
             rows.append(row)
         rows += list(floor.values())
+        if rate and n == 2:  # our int8 rounds each beside a floor of the same moment, same connections
+            rows += [netns_floor.paired_row(prefixes, nets.addrs, numel, rate, rounds, workdir, t)
+                     for t in ("tcp", "quic")]
     return rows
 
 

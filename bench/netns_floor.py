@@ -12,6 +12,9 @@ an agreed start until all of its echoes are back; its bound is ``2 x part_bytes 
     python -m bench.netns_floor --host ADDR --part-bytes N [--transport tcp|quic] [--initial-peers ...]
 
 (a worker process: ``measure`` starts two and drives them over stdin, as ``bench._procs`` does)
+
+``paired_row`` times the same transfer on our own peers' connections instead, right after each of
+their rounds: a floor of the same moment, where the transport's pace changes from minute to minute.
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ async def _transfer(p2p, other, payload: bytes) -> None:
         writer.close()
 
 
+async def serve(p2p, part_bytes: int) -> None:
+    """The receiving side: echo back the ``part_bytes`` of every transfer that reaches ``p2p``."""
+    await p2p.add_binary_stream_handler(PROTOCOL, lambda *a: _echo(*a, size=part_bytes))
+
+
+async def transfer(p2p, others, payload: bytes) -> None:
+    """``payload`` to each of ``others`` at once, each on a new stream, until every echo is back."""
+    await asyncio.gather(*(_transfer(p2p, other, payload) for other in others))
+
+
 async def worker(host: str, part_bytes: int, transport: str, initial: list[str]) -> None:
     """Answers the parent on stdout (``bench._procs.Worker``): its addresses, then for each
     ``go <peer id> <start>`` the seconds from ``start`` until all of its echoes were back."""
@@ -71,13 +84,13 @@ async def worker(host: str, part_bytes: int, transport: str, initial: list[str])
     p2p = await P2P.create(host_maddrs=[MADDRS[transport].format(host=host)], initial_peers=initial,
                            nat_port_map=False, auto_nat=False)
     try:
-        await p2p.add_binary_stream_handler(PROTOCOL, lambda *a: _echo(*a, size=part_bytes))
+        await serve(p2p, part_bytes)
         say({"id": p2p.peer_id.to_base58(), "maddrs": [str(m) for m in await p2p.get_visible_maddrs()]})
         payload, loop = os.urandom(part_bytes), asyncio.get_running_loop()
         while (line := await loop.run_in_executor(None, sys.stdin.readline)).split()[:1] == ["go"]:
             _, other, start = line.split()
             await asyncio.sleep(max(0.0, float(start) - time.time()))
-            await _transfer(p2p, PeerID.from_base58(other), payload)
+            await transfer(p2p, [PeerID.from_base58(other)], payload)
             say({"s": time.time() - float(start)})
     finally:
         await p2p.shutdown()
@@ -115,12 +128,12 @@ def measure(prefixes: list[list[str]], hosts: list[str], part_bytes: int, transf
 GOAL = 1.15  # issue 12: a 2-peer int8 round within 1.15x of its wire bound
 
 
-def spread(times: list[float], bound: float) -> dict:
+def spread(times: list[float], bound: float, what: str = "rounds") -> dict:
     """Every round over the bound, in the order they ran (p2pd's TCP streams switch between a fast
     and a slow regime from one 30 s stretch to the next: bench/notes/netns.md), and how many met
     the goal."""
-    return {"rounds_x_bound": " ".join(f"{t / bound:.2f}" for t in times),
-            "rounds_within_goal": f"{sum(t <= GOAL * bound for t in times)}/{len(times)}"}
+    return {f"{what}_x_bound": " ".join(f"{t / bound:.2f}" for t in times),
+            f"{what}_within_goal": f"{sum(t <= GOAL * bound for t in times)}/{len(times)}"}
 
 
 def row(prefixes: list[list[str]], hosts: list[str], numel: int, rate_mbit: float, transfers: int,
@@ -135,6 +148,41 @@ def row(prefixes: list[list[str]], hosts: list[str], numel: int, rate_mbit: floa
             "peers": 2, "MB_per_peer": round(numel * 4 / 1e6, 1), "link_mbit": rate_mbit,
             "round_s": round(median, 3), "min_max_s": f"{min(times):.3f}-{max(times):.3f}",
             "wire_bound_s": round(bound, 3), "x_bound": round(median / bound, 2), **spread(times, bound)}
+
+
+def paired_row(prefixes: list[list[str]], hosts: list[str], numel: int, rate_mbit: float, pairs: int,
+               workdir: Path, transport: str = "tcp", codec: str = "int8:clip") -> dict:
+    """Our 2-peer int8 rounds, each followed at once by the transport alone carrying the same bytes
+    on the same p2pd connections (``bench._procs``' ``floor``): both see the transport's pace of
+    that moment, which ``row``'s floor, taken minutes apart on daemons of its own, does not.
+    ``x_floor_paired``: the median of each round over the floor right after it."""
+    from bench._procs import run_floor, run_round, start_group
+
+    workers = start_group("ours", 2, numel, Path(workdir), hosts=hosts, prefix=prefixes, codecs=[codec],
+                          run_id=f"paired-{transport}", transport=transport)
+    rounds, floors = [], []
+    try:
+        for rnd in range(pairs + 1):  # the first pair warms up and is not counted
+            answers = run_round(workers, codec, rnd)
+            floor = run_floor(workers, codec, rnd)
+            if rnd:
+                rounds.append(max(a["round_s"] for a in answers))
+                floors.append(floor)
+    finally:
+        stop_all(workers)
+    bound = 2 * (numel // 2) * 8 / (rate_mbit * 1e6)
+    ratios = [r / f for r, f in zip(rounds, floors, strict=True)]
+    return {"bench": "netns", "part": "all-reduce", "engine": f"p2p-trainer beside its floor, {transport}",
+            "codec": codec, "peers": 2, "MB_per_peer": round(numel * 4 / 1e6, 1), "link_mbit": rate_mbit,
+            "round_s": round(statistics.median(rounds), 3),
+            "min_max_s": f"{min(rounds):.3f}-{max(rounds):.3f}",
+            "wire_bound_s": round(bound, 3), "x_bound": round(statistics.median(rounds) / bound, 2),
+            **spread(rounds, bound),
+            "floor_s": round(statistics.median(floors), 3),
+            "floor_x_bound": round(statistics.median(floors) / bound, 2), **spread(floors, bound, "floors"),
+            "x_floor_paired": round(statistics.median(ratios), 2),
+            "pairs_x_floor": " ".join(f"{x:.2f}" for x in ratios),
+            "pairs_within_goal": f"{sum(x <= GOAL for x in ratios)}/{len(ratios)}"}
 
 
 def main() -> None:

@@ -45,6 +45,12 @@ class Observer:
             admitted=self.admitted,
         )
 
+    @property
+    def node(self) -> SwarmNode:
+        """This peer's plumbing (its event loop and P2P client): what a benchmark needs to time the
+        transport on the peer's own connections, beside its rounds (``bench/netns_floor.py``)."""
+        return self._node
+
     def swarm_records(self) -> Records:
         """The live progress records of this run, freshly read (blocks for a DHT lookup)."""
         return self._node.call(self._board.read(max_age=0.0), timeout=30.0)
