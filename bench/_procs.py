@@ -328,8 +328,7 @@ class _Ours:
 
         peer = self.peers[codec]
         others = [PeerID.from_base58(pid) for pid in peer.swarm_records() if pid != peer.peer_id]
-        if len(self._payload) != self.floor_part:
-            self._payload = os.urandom(self.floor_part)
+        self._payload = self._payload or os.urandom(self.floor_part)  # made once, on first use
         time.sleep(max(0.0, start - time.time()))
         peer.node.call(netns_floor.transfer(peer.node.p2p, others, self._payload), timeout=120.0)
         return time.time() - start
